@@ -1,0 +1,3 @@
+from molmoact_edge.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Torch side: the reference MolmoAct, checkpoint loading, reference generation, ONNX export."""

@@ -1,0 +1,1 @@
+"""Quantisation recipes, calibration and studies."""
