@@ -1,0 +1,103 @@
+"""``molmoact-edge generate``: one MolmoAct step on image files and an instruction."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="Hugging Face MolmoAct checkpoint folder (torch reference)")
+    src.add_argument("--bundle", type=Path, help="exported bundle folder (see `molmoact-edge export`)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default=None,
+                   help="engine: torch for --checkpoint (default), onnxruntime for --bundle (default)")
+    p.add_argument("--image", action="append", required=True, type=Path,
+                   help="an image file; repeat for several camera views (first = main view)")
+    p.add_argument("--instruction", required=True, help="the task, e.g. 'close the box'")
+    p.add_argument("--template", choices=["single", "multi"], default=None,
+                   help="prompt template: single for one image, multi for several (default by image count)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget (official: 256, 512 for chunks)")
+    p.add_argument("--dtype", default="fp32", help="torch reference weights dtype: fp32, bf16, fp16")
+    p.add_argument("--device", default="cpu", help="torch reference device, e.g. cpu or cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _load_images(paths):
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        if not path.exists():
+            raise SystemExit(f"error: image {path} does not exist")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                images.append(im.convert("RGB"))
+        except UnidentifiedImageError:
+            raise SystemExit(f"error: {path} is not an image file PIL can read (PNG/JPEG expected)")
+    return images
+
+
+def open_pipeline(args):
+    """The pipeline for --checkpoint (torch reference) or --bundle (deployed engine)."""
+    from molmoact_edge.runtime.pipeline import ModelSpec, Pipeline
+
+    if args.checkpoint is not None:
+        if args.backend not in (None, "torch"):
+            raise SystemExit("error: --checkpoint runs the torch reference; export a bundle for other backends")
+        try:
+            import torch  # noqa: F401  (only to give a clear message when the export extra is absent)
+        except ImportError:
+            raise SystemExit("error: --checkpoint needs torch: pip install torch==2.13.0 'molmoact-edge[export]'")
+        from molmoact_edge.export.checkpoint import load_model, parse_dtype
+        from molmoact_edge.export.torch_backend import TorchBackend
+
+        spec = ModelSpec.load(args.checkpoint)
+        model = load_model(args.checkpoint, parse_dtype(args.dtype), args.device)
+        return Pipeline(spec, TorchBackend(model, args.device))
+    from molmoact_edge.runtime.bundle import open_bundle
+
+    return open_bundle(args.bundle, backend=args.backend or "onnxruntime")
+
+
+def result_dict(out) -> dict:
+    r = out.result
+    return {
+        "token_ids": r.token_ids,
+        "text": out.text,
+        "prompt_tokens": r.prompt_tokens,
+        "new_tokens": len(r.token_ids),
+        "stopped": r.stopped,
+        "template": out.inputs.template,
+        "llm_forwards": r.forwards,
+        "forced_tokens": r.forced_tokens,
+        "timings_ms": {k: round(v, 3) for k, v in r.timings_ms.items()},
+        "tokens_per_s": round(r.tokens_per_s, 2),
+    }
+
+
+def run(args) -> int:
+    from molmoact_edge.runtime.config import ConfigError
+
+    if args.max_new_tokens < 1:
+        raise SystemExit("error: --max-new-tokens must be >= 1")
+    images = _load_images(args.image)
+    try:
+        with open_pipeline(args) as pipe:
+            out = pipe.step(images, args.instruction, args.template, args.max_new_tokens)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    d = result_dict(out)
+    if args.json:
+        print(json.dumps(d, ensure_ascii=False))
+    else:
+        print(out.text)
+        t = d["timings_ms"]
+        print(f"[{d['prompt_tokens']} prompt tokens, {d['new_tokens']} new, stopped on {d['stopped']}; "
+              f"vision {t['vision']:.0f} ms, prefill {t['prefill']:.0f} ms, decode {t['decode']:.0f} ms "
+              f"({d['tokens_per_s']} tok/s)]", file=sys.stderr)
+    return 0

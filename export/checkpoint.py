@@ -1,0 +1,128 @@
+"""Load a released MolmoAct checkpoint (Hugging Face layout, safetensors) into the reference model.
+
+The model is built on the meta device and each tensor is read from disk straight into its final
+dtype and device, so a 7B checkpoint never needs twice its size in RAM. Every problem is reported
+in one error that lists the missing keys, the unexpected keys and the shape mismatches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from molmoact_edge.export.model import MolmoAct
+from molmoact_edge.runtime.config import ConfigError, ModelConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """The weights on disk do not match the model the config describes; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """Which safetensors file holds each tensor."""
+
+    key_to_file: dict[str, Path]
+
+    @classmethod
+    def find(cls, checkpoint_dir: str | Path) -> "WeightFiles":
+        from safetensors import safe_open
+
+        d = Path(checkpoint_dir)
+        if (d / INDEX_FILE).exists():
+            try:
+                index = json.loads((d / INDEX_FILE).read_text())
+                weight_map = index["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{d / INDEX_FILE} is not a valid safetensors index ({e}); re-download it") from e
+            files = {k: d / v for k, v in weight_map.items()}
+            absent = sorted({str(p) for p in files.values() if not p.exists()})
+            if absent:
+                raise CheckpointError(f"shard(s) named in {INDEX_FILE} are missing: {absent}; "
+                                      "download every model-*.safetensors file of the checkpoint")
+            return cls(files)
+        if (d / SINGLE_FILE).exists():
+            path = d / SINGLE_FILE
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    keys = list(f.keys())
+            except Exception as e:  # safetensors raises its own error type for a bad header
+                raise CheckpointError(f"{path} is not a readable safetensors file ({e}); "
+                                      "it is probably truncated or corrupt: re-download it") from e
+            return cls({k: path for k in keys})
+        raise CheckpointError(f"no weights in {d}: expected {SINGLE_FILE} or {INDEX_FILE} "
+                              "(a MolmoAct checkpoint folder as released on Hugging Face)")
+
+
+def _problems(expected: dict[str, torch.Size], found: dict[str, tuple[int, ...]]) -> list[str]:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [f"{k}: checkpoint {list(found[k])} vs model {list(expected[k])}"
+                  for k in sorted(set(expected) & set(found)) if tuple(expected[k]) != tuple(found[k])]
+    out = []
+    if missing:
+        out.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        out.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if mismatched:
+        out.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
+    return out
+
+
+def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> MolmoAct:
+    """Read ``config.json`` and the safetensors weights of a MolmoAct checkpoint."""
+    from safetensors import safe_open
+
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {d} does not exist")
+    cfg = ModelConfig.load(d)
+    files = WeightFiles.find(d)
+    with torch.device("meta"):
+        model = MolmoAct(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    by_file: dict[Path, list[str]] = {}
+    for k, p in files.key_to_file.items():
+        by_file.setdefault(p, []).append(k)
+    tensors: dict[str, torch.Tensor] = {}
+    for path, keys in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                present = set(f.keys())
+                for k in keys:
+                    if k not in present:
+                        raise CheckpointError(f"{path} does not contain {k!r} although the index says so; "
+                                              "re-download the shard")
+                    shapes[k] = tuple(f.get_slice(k).get_shape())
+                    if k in expected and shapes[k] == tuple(expected[k]):
+                        tensors[k] = f.get_tensor(k).to(device=device, dtype=dtype)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{path} could not be read ({e}); it is probably truncated or corrupt: "
+                                  "re-download it") from e
+    problems = _problems(expected, shapes)
+    if problems:
+        raise CheckpointError(f"{d} does not match its config.json:\n  " + "\n  ".join(problems))
+    for k, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{k} in {files.key_to_file[k]} holds NaN or Inf values; the checkpoint is corrupt")
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.eval()
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp16": torch.float16, "float16": torch.float16}
+    if name not in table:
+        raise ConfigError(f"unknown dtype {name!r}; accepted: fp32, bf16, fp16")
+    return table[name]

@@ -1,0 +1,70 @@
+"""One MolmoAct step end to end over any backend: images + instruction -> generated ids and text.
+
+A checkpoint directory and a bundle directory both carry the same JSON contracts
+(``config.json``, ``preprocessor_config.json``, ``processor_config.json``, ``tokenizer.json``), so
+one loader serves the torch reference and the deployed engines.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from molmoact_edge.runtime.backend import Backend
+from molmoact_edge.runtime.config import ImageProcessorConfig, ModelConfig, ProcessorConfig
+from molmoact_edge.runtime.generate import GenerationResult, generate
+from molmoact_edge.runtime.prompt import ModelInputs, build_inputs
+from molmoact_edge.runtime.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything about a model except its weights."""
+
+    config: ModelConfig
+    image: ImageProcessorConfig
+    processor: ProcessorConfig
+    tokenizer: Tokenizer
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "ModelSpec":
+        d = Path(model_dir)
+        return cls(ModelConfig.load(d), ImageProcessorConfig.load(d), ProcessorConfig.load(d),
+                   Tokenizer.from_checkpoint(d))
+
+    def inputs(self, images, instruction: str, template: str | None = None) -> ModelInputs:
+        return build_inputs(images, instruction, self.tokenizer, self.image, self.processor, template)
+
+
+@dataclass
+class StepOutput:
+    inputs: ModelInputs
+    result: GenerationResult
+    text: str
+
+
+class Pipeline:
+    """Preprocess, run the backend's decode loop, decode the text."""
+
+    def __init__(self, spec: ModelSpec, backend: Backend):
+        self.spec, self.backend = spec, backend
+
+    def step(self, images, instruction: str, template: str | None = None, max_new_tokens: int = 256,
+             grammar_state=None, on_event: Callable[[Any], None] | None = None) -> StepOutput:
+        t0 = time.perf_counter()
+        inputs = self.spec.inputs(images, instruction, template)
+        pre_ms = (time.perf_counter() - t0) * 1e3
+        result = generate(self.backend, inputs, self.spec.tokenizer.special.eos, max_new_tokens,
+                          grammar_state=grammar_state, on_event=on_event, preprocess_ms=pre_ms)
+        return StepOutput(inputs, result, self.spec.tokenizer.decode(result.token_ids))
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
