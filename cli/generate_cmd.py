@@ -22,6 +22,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget (official: 256, 512 for chunks)")
     p.add_argument("--dtype", default="fp32", help="torch reference weights dtype: fp32, bf16, fp16")
     p.add_argument("--device", default="cpu", help="torch reference device, e.g. cpu or cuda")
+    p.add_argument("--unnorm-key", default=None,
+                   help="norm_stats key used to de-normalise actions (needed when the checkpoint has several)")
+    p.add_argument("--no-grammar", action="store_true",
+                   help="plain greedy decoding, token for token the official implementation's output")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 

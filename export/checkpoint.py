@@ -104,7 +104,8 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
                                               "re-download the shard")
                     shapes[k] = tuple(f.get_slice(k).get_shape())
                     if k in expected and shapes[k] == tuple(expected[k]):
-                        tensors[k] = f.get_tensor(k).to(device=device, dtype=dtype)
+                        # copy=True: never keep views into a memory-mapped file that may change underneath
+                        tensors[k] = f.get_tensor(k).to(device=device, dtype=dtype, copy=True)
         except CheckpointError:
             raise
         except Exception as e:

@@ -32,3 +32,40 @@ def fixture_a() -> Path:
 @pytest.fixture(scope="session")
 def checkpoint_a(fixture_a: Path) -> Path:
     return fixture_a / "checkpoint"
+
+
+class GoldenCase:
+    """One case of a golden fixture: inputs as the official run saw them, and its outputs."""
+
+    def __init__(self, fixture: Path, name: str):
+        import re
+
+        import numpy as np
+
+        self.fixture, self.name = fixture, name
+        self.npz = np.load(fixture / "cases" / f"{name}.npz")
+        self.image_paths = [fixture / "cases" / str(f) for f in self.npz["image_files"]]
+        self.template = "multi" if str(self.npz["images_layout"]) == "nested" else "single"
+        m = re.match(r"The task is (.*?)\. What is the action", str(self.npz["prompt"]))
+        assert m, f"cannot read the instruction from {name}'s prompt"
+        self.instruction = m.group(1)
+
+    def __getitem__(self, key):
+        return self.npz[key]
+
+    def images(self):
+        from PIL import Image
+
+        return [Image.open(p).convert("RGB") for p in self.image_paths]
+
+
+def golden_cases() -> list[tuple[Path, str]]:
+    out = []
+    for d in fixture_dirs():
+        for npz in sorted((d / "cases").glob("*.npz")):
+            out.append((d, npz.stem))
+    return out
+
+
+def case_id(item) -> str:
+    return f"{item[0].name}/{item[1]}"
