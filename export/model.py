@@ -192,23 +192,32 @@ class Attention(nn.Module):
         self.att_proj = nn.Linear(cfg.hidden_size, sum(self.split), bias=cfg.qkv_bias)
         self.attn_out = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, positions, mask):
+    def project(self, x, cos, sin):
+        """q [b, heads, q, hd] and the new k, v [b, kv_heads, q, hd], RoPE applied."""
         b, q_len, _ = x.shape
         q, k, v = self.att_proj(x).split(self.split, dim=-1)
         q = q.view(b, q_len, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, q_len, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype)), apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
+        return apply_rope(q, cos.to(q.dtype), sin.to(q.dtype)), apply_rope(k, cos.to(k.dtype), sin.to(k.dtype)), v
+
+    def attend(self, q, keys, values, mask):
+        """Causal attention of q over all keys/values so far ([b, kv_heads, n, hd]); mask [q, n] is True
+        where a query may look."""
+        b, _, q_len, _ = q.shape
+        rep = self.heads // self.kv_heads
+        if rep > 1:
+            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        return self.attn_out(out.transpose(1, 2).reshape(b, q_len, -1))
+
+    def forward(self, x, cos, sin, k_cache, v_cache, positions, mask):
+        q, k, v = self.project(x, cos, sin)
         # Write the new keys/values in place at their positions, then attend over the filled prefix.
         k_cache[:, :, positions] = k.to(k_cache.dtype)
         v_cache[:, :, positions] = v.to(v_cache.dtype)
         end = mask.shape[-1]
-        keys, values = k_cache[:, :, :end].to(q.dtype), v_cache[:, :, :end].to(q.dtype)
-        rep = self.heads // self.kv_heads
-        if rep > 1:
-            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.attn_out(out.transpose(1, 2).reshape(b, q_len, -1))
+        return self.attend(q, k_cache[:, :, :end], v_cache[:, :, :end], mask)
 
 
 class LlmMlp(nn.Module):

@@ -1,0 +1,67 @@
+"""The exportable graphs: pure functions of their inputs around the reference model's weights.
+
+``VisionGraph``: crops + pooling map -> one projected feature row per pooling group (the host drops
+groups without any valid patch, a data-dependent shape that graphs handle badly).
+
+``LlmGraph``: one graph for prefill (q = prompt length, no past), decode (q = 1) and multi-token
+verification (q = k). The KV cache is position-major, ``[positions, layers, 2 (k|v), kv_heads,
+head_dim]``, so that the filled prefix the graph reads (``past_kv``) and the rows it produces
+(``new_kv``) are contiguous slices of ONE preallocated host buffer: the runtime binds them in
+place and nothing is concatenated or copied per token on the host. Logits are computed only for
+the rows listed in ``logits_index`` (a 950-token prefill needs one row, not 950 x vocab).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from molmoact_edge.export.model import MolmoAct, rope_tables
+
+
+class VisionGraph(nn.Module):
+    def __init__(self, model: MolmoAct):
+        super().__init__()
+        self.backbone = model.model.vision_backbone
+
+    def forward(self, crops: torch.Tensor, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
+        """float32 I/O whatever the weights' dtype, so callers never convert pixels or features."""
+        vb = self.backbone
+        feats = vb.vit_features(crops.to(vb.image_vit.patch_embedding.weight.dtype))
+        feats = feats.reshape(-1, feats.shape[-1])
+        valid = (pooled_patches_idx >= 0).to(feats.dtype)
+        to_pool = feats[pooled_patches_idx.clamp(min=0)] * valid[..., None]
+        query = to_pool.mean(dim=-2, keepdim=True)
+        pooled = vb.image_pooling_2d(query, to_pool)[:, 0]
+        return vb.image_projector(pooled).float()
+
+
+class LlmGraph(nn.Module):
+    def __init__(self, model: MolmoAct):
+        super().__init__()
+        self.cfg = model.config.llm
+        self.transformer = model.model.transformer
+        self.lm_head = model.lm_head
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, past_kv: torch.Tensor,
+                logits_index: torch.Tensor):
+        """inputs_embeds [1, q, H], position_ids [q] (int64), past_kv [P, L, 2, kvh, hd],
+        logits_index [r] (int64, rows of the q tokens) -> logits [r, vocab] (float32), new_kv [q, L, 2, kvh, hd]."""
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.rope_theta, position_ids)
+        n_past = past_kv.shape[0]
+        key_pos = torch.cat([torch.arange(n_past, device=position_ids.device), position_ids])
+        mask = key_pos[None, :] <= position_ids[:, None]
+        x = inputs_embeds
+        new = []
+        for i, block in enumerate(self.transformer.blocks):
+            attn = block.self_attn
+            q, k, v = attn.project(block.attn_norm(x), cos, sin)
+            past_k = past_kv[:, i, 0].permute(1, 0, 2)[None].to(k.dtype)
+            past_v = past_kv[:, i, 1].permute(1, 0, 2)[None].to(v.dtype)
+            x = x + attn.attend(q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2), mask)
+            x = x + block.mlp(block.ff_norm(x))
+            new.append(torch.stack([k[0], v[0]], dim=0))  # [2, kvh, q, hd]
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x[0].index_select(0, logits_index))
+        new_kv = torch.stack(new, dim=0).permute(3, 0, 1, 2, 4)  # [q, L, 2, kvh, hd]
+        return logits.float(), new_kv.to(past_kv.dtype)

@@ -1,0 +1,186 @@
+"""Export a checkpoint to a bundle: ONNX graphs (vision, LLM with KV cache), the input embedding
+table for a host-side lookup, the tokenizer and configs, and a manifest that describes and hashes
+all of it (see runtime/bundle.py for what the loader checks).
+
+The graphs are exported with the torch.onnx dynamo exporter at opset 18: the portable baseline
+(TensorRT 10.3 on JetPack 6 cannot parse opset-23 ``Attention``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from molmoact_edge.export.checkpoint import WeightFiles, load_model
+from molmoact_edge.export.graphs import LlmGraph, VisionGraph
+from molmoact_edge.export.model import MolmoAct
+from molmoact_edge.runtime.bundle import FORMAT, FORMAT_VERSION, KV_LAYOUT, MANIFEST, sha256_file
+
+COPIED_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
+                "tokenizer_config.json", "generation_config.json")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# Graphs over this size keep their weights in a side file (protobuf cannot hold more than 2 GiB).
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+class Progress:
+    """Numbered stage lines with elapsed time on stderr: a 7B export takes minutes."""
+
+    def __init__(self, total: int, out: Callable[[str], None] | None = None):
+        self.total, self.n, self.t0 = total, 0, time.perf_counter()
+        self.out = out or (lambda s: print(s, file=sys.stderr, flush=True))
+
+    def __call__(self, what: str) -> None:
+        self.n += 1
+        self.out(f"[{self.n}/{self.total}] {what} (t = {time.perf_counter() - self.t0:.1f} s)")
+
+
+def _onnx_io(model_path: Path):
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+
+    def specs(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name,
+                        "shape": dims})
+        return out
+
+    return specs(proto.graph.input), specs(proto.graph.output)
+
+
+def _save(program, path: Path, n_bytes: int) -> None:
+    program.save(str(path), external_data=n_bytes > EXTERNAL_DATA_BYTES)
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def export_vision(model: MolmoAct, path: Path, opset: int) -> None:
+    cfg = model.config
+    crops = torch.randn(2, cfg.vit.image_num_pos, cfg.vit.patch_pixels)
+    n_tok = 6
+    idx = torch.randint(0, 2 * cfg.vit.image_num_pos, (n_tok, 4))
+    idx[0, 3] = -1
+    dims = {"crops": {0: torch.export.Dim("crops", min=1, max=64)},
+            "pooled_patches_idx": {0: torch.export.Dim("tokens", min=1, max=16384)}}
+    program = torch.onnx.export(VisionGraph(model).eval(), (crops, idx), dynamo=True,
+                                opset_version=opset, input_names=["crops", "pooled_patches_idx"],
+                                output_names=["image_features"], dynamic_shapes=dims, verbose=False)
+    _save(program, path, _param_bytes(model.model.vision_backbone))
+
+
+def export_llm(model: MolmoAct, path: Path, dtype: torch.dtype, opset: int) -> None:
+    c = model.config.llm
+    q, past = 3, 5
+    example = (torch.randn(1, q, c.hidden_size, dtype=dtype), torch.arange(past, past + q),
+               torch.randn(past, c.num_hidden_layers, 2, c.num_key_value_heads, c.head_dim, dtype=dtype),
+               torch.tensor([q - 1]))
+    n = c.max_position_embeddings
+    tokens = torch.export.Dim("q", min=1, max=n)
+    dims = {"inputs_embeds": {1: tokens}, "position_ids": {0: tokens},
+            "past_kv": {0: torch.export.Dim("past", min=0, max=n)},
+            "logits_index": {0: torch.export.Dim("rows", min=1, max=n)}}
+    program = torch.onnx.export(LlmGraph(model).eval(), example, dynamo=True, opset_version=opset,
+                                input_names=["inputs_embeds", "position_ids", "past_kv", "logits_index"],
+                                output_names=["logits", "new_kv"], dynamic_shapes=dims, verbose=False)
+    _save(program, path, _param_bytes(model) - _param_bytes(model.model.vision_backbone))
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+
+    from molmoact_edge import __version__
+
+    v = {"molmoact_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__}
+    try:
+        import onnxscript
+
+        v["onnxscript"] = onnxscript.__version__
+    except (ImportError, AttributeError):
+        pass
+    return v
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", opset: int = 18,
+                  force: bool = False, progress: Callable[[str], None] | None = None) -> Path:
+    """Write a bundle directory; returns its path. Refuses to overwrite an existing bundle unless
+    ``force``; the bundle appears atomically (written beside it, then renamed)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown bundle dtype {dtype!r}; accepted: {sorted(DTYPES)}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+    step = Progress(7, progress)
+    tdtype = DTYPES[dtype]
+    step(f"loading {checkpoint} as {dtype}")
+    model = load_model(checkpoint, tdtype)
+    cfg = model.config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            step("exporting vision.onnx (ViT + pooling + projector)")
+            export_vision(model, tmp / "vision.onnx", opset)
+            step("exporting llm.onnx (prefill/decode/verify, KV in and out)")
+            export_llm(model, tmp / "llm.onnx", tdtype, opset)
+        step("writing the input embedding table")
+        wte = model.model.transformer.wte
+        table = torch.cat([wte.embedding, wte.new_embedding]).detach()
+        np.save(tmp / "embeddings.npy", table.numpy())
+        for name in COPIED_FILES:
+            if (checkpoint / name).exists():
+                shutil.copyfile(checkpoint / name, tmp / name)
+        raw_cfg = json.loads((checkpoint / "config.json").read_text())
+        (tmp / "norm_stats.json").write_text(json.dumps(raw_cfg.get("norm_stats", {}), indent=2))
+        step("hashing the source checkpoint")
+        weight_files = sorted(set(WeightFiles.find(checkpoint).key_to_file.values()))
+        source = {p.name: sha256_file(p) for p in weight_files + [checkpoint / "config.json"]}
+        step("hashing bundle files and writing manifest.json")
+        graphs = {}
+        for name in ("vision", "llm"):
+            inputs, outputs = _onnx_io(tmp / f"{name}.onnx")
+            graphs[name] = {"file": f"{name}.onnx", "inputs": inputs, "outputs": outputs}
+        llm = cfg.llm
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype,
+            "opset": opset,
+            "model": {"hidden_size": llm.hidden_size, "layers": llm.num_hidden_layers,
+                      "kv_heads": llm.num_key_value_heads, "head_dim": llm.head_dim, "vocab_size": llm.vocab_size,
+                      "input_vocab_size": llm.input_vocab_size, "image_patch_id": cfg.image_patch_id,
+                      "max_position_embeddings": llm.max_position_embeddings},
+            "graphs": graphs,
+            "kv_cache": {"layout": list(KV_LAYOUT), "dtype": np.dtype(table.numpy().dtype).name,
+                         "shape": ["positions", llm.num_hidden_layers, 2, llm.num_key_value_heads, llm.head_dim]},
+            "embeddings": {"file": "embeddings.npy", "dtype": table.numpy().dtype.name, "shape": list(table.shape)},
+            "tokenizer": "tokenizer.json",
+            "norm_stats": "norm_stats.json",
+            "source_checkpoint": {"path": str(checkpoint.resolve()), "sha256": source},
+            "tools": _versions(),
+            "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        step(f"moving the bundle into place at {out}")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

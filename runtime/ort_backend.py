@@ -1,0 +1,119 @@
+"""onnxruntime backend: the bundle's graphs with a preallocated, in-place KV cache.
+
+The KV cache is one host buffer ``[max_positions, layers, 2, kv_heads, head_dim]``. Because it is
+position-major, the filled prefix (the graph's ``past_kv`` input) and the rows of the new tokens
+(its ``new_kv`` output) are contiguous slices of that buffer, bound with IO binding by pointer: the
+graph reads the past where it lies and writes the new keys/values straight into their slots.
+Nothing grows, and nothing is concatenated or copied on the host per token. The input embedding
+lookup is a host-side gather from a memory-mapped table (only the rows of the new tokens are read).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from molmoact_edge.runtime.bundle import BundleError, Manifest, check_signature
+from molmoact_edge.runtime.config import ModelConfig
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+              "tensor(bfloat16)": "bfloat16", "tensor(int32)": "int32"}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BundleError("the onnxruntime backend needs onnxruntime: pip install 'molmoact-edge[robot]' "
+                          "(or onnxruntime-gpu on a CUDA machine)") from e
+    return onnxruntime
+
+
+def _io(items):
+    return [(x.name, _ORT_TYPES.get(x.type, x.type), tuple(x.shape)) for x in items]
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, manifest: Manifest, config: ModelConfig, providers: list[str] | None = None,
+                 threads: int | None = None):
+        ort = _import_ort()
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        self.sessions = {}
+        for name in ("vision", "llm"):
+            spec = manifest.graphs[name]
+            try:
+                sess = ort.InferenceSession(str(manifest.file(spec.file)), opts, providers=providers)
+            except Exception as e:  # onnxruntime raises its own exception types for unloadable graphs
+                raise BundleError(f"{manifest.file(spec.file)} could not be loaded by onnxruntime ({e}); "
+                                  "re-export the bundle") from e
+            check_signature(name, spec, _io(sess.get_inputs()), _io(sess.get_outputs()), manifest.path)
+            self.sessions[name] = sess
+        self.embeddings = np.load(manifest.file(manifest.embeddings_file), mmap_mode="r")
+        self.kv_dtype = np.dtype(manifest.kv_dtype)
+        self.embed_dtype = np.dtype(dict((t.name, t.dtype) for t in manifest.graphs["llm"].inputs)["inputs_embeds"])
+        self.patch_id = config.image_patch_id
+        self.kv_row = tuple(manifest.kv_shape[1:])
+        self.kv: np.ndarray | None = None
+        self.stats = {"calls": 0, "tokens": 0, "host_ms": 0.0, "run_ms": 0.0}
+
+    def vision(self, crops: np.ndarray, pooled_patches_idx: np.ndarray) -> np.ndarray:
+        feats = self.sessions["vision"].run(["image_features"], {
+            "crops": np.ascontiguousarray(crops, dtype=np.float32),
+            "pooled_patches_idx": np.ascontiguousarray(pooled_patches_idx, dtype=np.int64)})[0]
+        # Groups with no valid patch get no token (as in the official connector); done here because
+        # a data-dependent output shape is awkward for graph compilers.
+        return feats[(pooled_patches_idx >= 0).any(axis=-1)]
+
+    def reset(self, max_seq_len: int) -> None:
+        if self.kv is None or self.kv.shape[0] < max_seq_len:
+            self.kv = np.zeros((max_seq_len, *self.kv_row), dtype=self.kv_dtype)
+
+    def forward(self, token_ids: np.ndarray, start_pos: int, image_features: np.ndarray | None = None,
+                logits_rows: np.ndarray | None = None) -> np.ndarray:
+        t0 = time.perf_counter()
+        ids = np.asarray(token_ids, dtype=np.int64)
+        q = len(ids)
+        if self.kv is None or start_pos + q > self.kv.shape[0]:
+            raise ValueError(f"positions up to {start_pos + q} exceed the KV cache "
+                             f"({0 if self.kv is None else self.kv.shape[0]}); call reset(max_seq_len) first")
+        if ids.min() < 0 or ids.max() >= self.embeddings.shape[0]:
+            raise ValueError(f"token id out of range [0, {self.embeddings.shape[0]})")
+        embeds = np.asarray(self.embeddings[ids], dtype=self.embed_dtype)
+        if image_features is not None:
+            is_patch = ids == self.patch_id
+            if int(is_patch.sum()) != len(image_features):
+                raise ValueError(f"{int(is_patch.sum())} <im_patch> tokens but {len(image_features)} image features")
+            embeds[is_patch] += image_features.astype(self.embed_dtype)
+        rows = np.asarray([q - 1] if logits_rows is None else logits_rows, dtype=np.int64)
+
+        sess = self.sessions["llm"]
+        binding = sess.io_binding()
+        binding.bind_cpu_input("inputs_embeds", embeds[None])
+        binding.bind_cpu_input("position_ids", np.arange(start_pos, start_pos + q, dtype=np.int64))
+        binding.bind_cpu_input("logits_index", rows)
+        past = self.kv[:start_pos]
+        new = self.kv[start_pos:start_pos + q]
+        binding.bind_input("past_kv", "cpu", 0, self.kv_dtype, past.shape, past.ctypes.data)
+        # get_outputs() lists outputs in the order they were bound: logits first.
+        binding.bind_output("logits", "cpu")
+        binding.bind_output("new_kv", "cpu", 0, self.kv_dtype, new.shape, new.ctypes.data)
+        t1 = time.perf_counter()
+        sess.run_with_iobinding(binding)
+        t2 = time.perf_counter()
+        logits = binding.get_outputs()[0].numpy()
+        t3 = time.perf_counter()
+        self.stats["calls"] += 1
+        self.stats["tokens"] += q
+        self.stats["host_ms"] += ((t1 - t0) + (t3 - t2)) * 1e3
+        self.stats["run_ms"] += (t2 - t1) * 1e3
+        return logits
+
+    def close(self) -> None:
+        self.sessions.clear()
+        self.kv = None
