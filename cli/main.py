@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("molmoact_edge.demo_cmd", "offline demo: build a tiny random checkpoint and run generate on it"),
     "generate": ("molmoact_edge.generate_cmd", "run one MolmoAct step on images + an instruction"),
+    "bench": ("molmoact_edge.bench_cmd", "benchmark one step: our onnxruntime loop vs torch vs transformers"),
     "export": ("molmoact_edge.export_cmd", "export a checkpoint to a bundle of ONNX graphs for the runtime"),
 }
 
