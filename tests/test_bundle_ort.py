@@ -170,3 +170,19 @@ def test_not_a_bundle(tmp_path):
 def test_export_refuses_to_overwrite(bundle_a, checkpoint_a):
     with pytest.raises(FileExistsError, match="--force"):
         export_bundle(checkpoint_a, bundle_a, progress=lambda s: None)
+
+
+def test_fp16_bundle_runs_and_stays_close(checkpoint_a, fixture_a, tmp_path):
+    """fp16 graphs are what GPU engines consume; on CPU they must load, keep the KV in fp16, and stay
+    within fp16 rounding of the fp32 golden logits."""
+    bundle = export_bundle(checkpoint_a, tmp_path / "fp16", dtype="fp16", progress=lambda s: None)
+    manifest = load_manifest(bundle)
+    assert manifest.dtype == "fp16" and manifest.kv_dtype == "float16"
+    backend = OrtBackend(manifest, ModelConfig.load(bundle))
+    case = GoldenCase(fixture_a, "single_256")
+    ids = case["input_ids"][0]
+    backend.reset(len(ids) + 1)
+    logits = backend.forward(ids, 0, backend.vision(case["images"][0], case["pooled_patches_idx"][0]))[-1]
+    assert backend.kv.dtype == np.float16
+    assert np.abs(logits - case["logits_last"]).max() < 5e-2
+    assert int(logits.argmax()) == int(case["logits_last"].argmax())
