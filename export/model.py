@@ -230,16 +230,17 @@ class Attention(nn.Module):
 
 
 class LlmMlp(nn.Module):
-    """Fused SwiGLU: ``ff_proj`` rows are [up | gate]; out = ff_out(silu(gate) * up)."""
+    """Fused gated MLP: ``ff_proj`` rows are [up | gate]; out = ff_out(act(gate) * up)."""
 
     def __init__(self, cfg: LlmConfig):
         super().__init__()
         self.ff_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.ff_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = _ACT[cfg.hidden_act]
 
     def forward(self, x):
         up, gate = self.ff_proj(x).chunk(2, dim=-1)
-        return self.ff_out(F.silu(gate) * up)
+        return self.ff_out(self.act(gate) * up)
 
 
 class DecoderBlock(nn.Module):

@@ -179,8 +179,8 @@ class LlmConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads "
                               f"({self.num_attention_heads} % {self.num_key_value_heads} != 0)")
-        if self.hidden_act != "silu":
-            raise ConfigError(f"field 'hidden_act' = {self.hidden_act!r}; accepted: 'silu'")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"field 'hidden_act' = {self.hidden_act!r}; accepted: {ACTIVATIONS}")
         if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
             raise ConfigError(f"field 'rope_theta' must be a positive number, got {self.rope_theta!r}")
         _check_equal(self, "norm_after", False)

@@ -186,3 +186,25 @@ def test_fp16_bundle_runs_and_stays_close(checkpoint_a, fixture_a, tmp_path):
     assert backend.kv.dtype == np.float16
     assert np.abs(logits - case["logits_last"]).max() < 5e-2
     assert int(logits.argmax()) == int(case["logits_last"].argmax())
+
+
+def test_other_shapes_bundle_matches_reference(tmp_path):
+    """Nothing is tuned to fixture A's sizes: another width/depth/head layout exports and runs the
+    same on both engines."""
+    from PIL import Image
+
+    from molmoact_edge.export.tiny import TinySize, write_checkpoint
+    from molmoact_edge.runtime.pipeline import ModelSpec, Pipeline
+
+    size = TinySize(vit_hidden=48, vit_heads=3, vit_mlp=80, vit_layers=12, adapter_heads=4, projector_hidden=40,
+                    llm_hidden=48, llm_heads=6, llm_kv_heads=3, llm_mlp=72, llm_layers=3)
+    ckpt = write_checkpoint(tmp_path / "ckpt", size, seed=11)
+    bundle = export_bundle(ckpt, tmp_path / "bundle", progress=lambda s: None)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8))
+    spec = ModelSpec.load(ckpt)
+    with Pipeline(spec, TorchBackend(load_model(ckpt))) as ref, open_bundle(bundle) as ort_pipe:
+        a = ref.step([image, image], "stack the cups", max_new_tokens=12)
+        b = ort_pipe.step([image, image], "stack the cups", max_new_tokens=12)
+    assert a.result.token_ids == b.result.token_ids
+    assert a.result.prompt_tokens == b.result.prompt_tokens > 1000
