@@ -175,6 +175,7 @@ class OutputGrammar:
         self.open_point = self._id(" [")
         self.open1 = (self._id(" ["), self._id("["))
         self.open2 = (self._id(" [["), self._id("[["))
+        self.closers2_more = np.array(sorted(closers2 + [self.close_point]), dtype=np.int64)
         self.trace_openers = np.array(sorted(self.open2), dtype=np.int64)
         self.action_openers = np.array(sorted(self.open1 + self.open2), dtype=np.int64)
 
@@ -311,7 +312,7 @@ class GrammarState:
         return g.trie_last if self.elem == g.spec.action_dim - 1 else g.trie_mid
 
     def _sparse_ids(self) -> np.ndarray | None:
-        """Allowed ids where they are few; None in free glue (use the precomputed mask)."""
+        """Allowed ids (sorted) where they are few; None in free glue (use the precomputed mask)."""
         g, ph = self.g, self.phase
         if ph in (GLUE_DEPTH, GLUE_TRACE, GLUE_ACTION, GLUE_END):
             return g.glue_exits[ph] if self.glue_used >= g.spec.glue_budget else None
@@ -329,7 +330,7 @@ class GrammarState:
             if self.asub == A_ELEM:
                 trie = self._trie()
                 if trie.leaf[self.node] >= 0:  # a complete action string that could also go on
-                    return np.concatenate([trie.ids[self.node], self._close_ids(self.n_lists + 1)])
+                    return np.union1d(trie.ids[self.node], self._close_ids(self.n_lists + 1))
                 return trie.ids[self.node]
             if self.asub == A_OPEN:
                 return np.array([g.open_point])
@@ -341,7 +342,7 @@ class GrammarState:
         if not self.nested:
             return g.closers1  # "]," continues the chunk while lists remain, else it is "]" + glue
         if lists_done < g.spec.max_actions:
-            return np.concatenate([[g.close_point], g.closers2])
+            return g.closers2_more
         return g.closers2
 
     def _trace_number_ids(self) -> np.ndarray:
@@ -357,6 +358,7 @@ class GrammarState:
         return np.array([g.close_point]) if len(self.points) + 1 < len(t) else g.closers2
 
     def allowed_ids(self) -> np.ndarray:
+        """The allowed token ids, ascending (a view of a shared table: do not modify)."""
         ids = self._sparse_ids()
         return self.g._glue_ids[self.phase] if ids is None else ids
 
