@@ -229,3 +229,26 @@ def test_one_dimensional_actions_and_options(tok, table):
         GrammarSpec(action_dim=7, max_actions=0)
     with pytest.raises(GrammarError, match="steering trace"):
         g.start(trace=[(1, 256)])
+
+
+def test_trace_values_stop_at_255(grammar, tok):
+    head = tok.encode("<DEPTH_START>" + "<DEPTH_0>" * 100 + "<DEPTH_END> [[")
+    for value, ok in (("255", True), ("256", False), ("250", True), ("260", False), ("0", True), ("00", False)):
+        assert grammar.start().accepts(head + tok.encode(value + ", 1]]")) is ok, value
+
+
+def test_closing_tokens_carry_only_glue(grammar, tok, table):
+    """Every token allowed to close the trace or the actions is the bracket(s) + glue text."""
+    ans = Answer(tuple(range(100)), ((1, 2),), ((3,) * 7,), False, ("", "", "", ""))
+    for nested in (False, True):
+        ids = Answer(ans.codes, ans.points, ans.lists, nested, ans.glue).token_ids(tok, table)
+        closes = [i for i, t in enumerate(ids) if tok.id_to_token(t).startswith("]")]
+        for i in closes:
+            s = grammar.start()
+            feed(s, ids[:i], check_forced=False)
+            texts = [tok.id_to_token(int(t)) for t in s.allowed_ids()]
+            closers = [x for x in texts if x.startswith("]")]
+            assert len(closers) > 10  # "]]", "]].", "]],", "]]\n", ...
+            for text in closers:
+                assert not any(c in text.lstrip("]") for c in "[]<>"), text
+            assert all(x.isdigit() for x in texts if not x.startswith("]")), texts

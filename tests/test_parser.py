@@ -114,3 +114,16 @@ def test_trace_to_pixels():
     np.testing.assert_allclose(px, [[0, 479], [639, 0], [51 / 255 * 639, 102 / 255 * 479]])
     with pytest.raises(ValueError):
         trace_to_pixels([[1, 2]], 0, 10)
+
+
+def test_gripper_is_never_denormalised_even_if_the_mask_says_so(tokenizer):
+    from molmoact_edge.runtime.config import ActionStats
+
+    stats = ActionStats(q01=np.array([-2.0, 0.0, 10.0]), q99=np.array([2.0, 1.0, 20.0]), mask=np.ones(3, bool))
+    dec = ActionDecoder(base_vocab=tokenizer.rust.get_vocab(with_added_tokens=False),
+                        base_vocab_size=tokenizer.special.base_vocab_size, stats=stats, unnorm_key="x")
+    top = dec.bin_centers[-1]
+    got = dec.decode_ids([dec.first_action_id] * 3)  # the highest bin in every dimension
+    np.testing.assert_allclose(got, [0.5 * (top + 1) * 4 - 2, 0.5 * (top + 1), top])
+    with pytest.raises(ValueError, match="unnorm key"):
+        dec.denormalize(np.zeros(4))
