@@ -15,12 +15,17 @@ MOLMOACT.md section 8)::
 * 1-5 trace points, integers 0..255 written without leading zeros, ``", "`` and ``"], ["``
   between them.
 * each aI is the spelling of one of the last ``n_action_bins`` base-vocabulary entries, items
-  separated by ``", "``, no quotes.
+  separated by ``", "``, no quotes. In a flat chunk ``"],"`` after list k < K always means "a
+  list follows" (the next token is then forced to ``" ["``); after list K it is ``"]"`` + glue.
+* Openers: ``" [["``/``"[["`` for the trace, ``" ["``/``"["`` (one list, flat chunk) or
+  ``" [["``/``"[["`` (nested chunk) for the actions; closers: any token spelling the closing
+  bracket(s) followed by glue characters (``"]]."``, ``"]]"``, ``"]."``, ``"]\n"``, ...).
 
 Canonical tokenisation. The model tokenises its own output canonically, and a BPE spelling that
 is not canonical would be a different token sequence, so inside the depth block, the trace and
-the action lists the automaton accepts exactly the canonical tokens. The pre-tokenizer never
-splits across ``", "`` and never merges ``[`` forward or ``]`` backward into an action string,
+the action lists the automaton accepts exactly the canonical tokens. No pre-token of the Qwen2
+split regex spans a ``", "`` separator, and ``[`` never merges forward nor ``]`` backward into an
+action string (checked for every action string when the tables are built),
 but it does merge the comma into an action string ending in a symbol (``Â®,``) and the closing
 bracket with the punctuation of the glue that follows (``]].``, ``].``). So each list element is
 tokenised by the real tokenizer in its context (after an opening bracket, between commas, before
@@ -121,7 +126,7 @@ class OutputGrammar:
         self.size = len(tokenizer)
         self.eos = sp.eos
         self.depth_start, self.depth_end = sp.depth_start, sp.depth_end
-        self.depth_code_ids = np.array(sp.depth_codes, dtype=np.int64)
+        self.depth_code_ids = np.sort(np.array(sp.depth_codes, dtype=np.int64))
         self.code_of = {int(t): k for k, t in enumerate(sp.depth_codes)}
         if decoder.base_vocab_size != sp.base_vocab_size or decoder.n_action_bins != spec.n_action_bins:
             raise GrammarError("the action decoder was built for another tokenizer or n_action_bins")
@@ -143,6 +148,22 @@ class OutputGrammar:
             raise GrammarError(f"action_dim {action_dim} differs from norm_stats[{decoder.unnorm_key!r}] "
                                f"({decoder.stats.action_dim} dims)")
         return cls(spec, tokenizer, decoder)
+
+    @classmethod
+    def from_config(cls, config, tokenizer, unnorm_key: str | None = None, action_dim: int | None = None,
+                    depth_codes: int = DEFAULT_DEPTH_CODES, max_actions: int = 1,
+                    glue_budget: int = 64) -> "OutputGrammar":
+        """The grammar of a checkpoint: n_action_bins from its config, action_dim and the values
+        of ActionComplete from ``norm_stats[unnorm_key]`` (unknown key: ConfigError listing the
+        keys). Without norm_stats pass ``action_dim``; values then stay normalised."""
+        decoder = ActionDecoder.from_checkpoint(config, tokenizer, unnorm_key, denormalize=bool(config.norm_stats))
+        if action_dim is None:
+            if decoder.stats is None:
+                raise GrammarError("this checkpoint has no norm_stats to take action_dim from; pass action_dim")
+            action_dim = decoder.stats.action_dim
+        return cls.from_tokenizer(tokenizer, action_dim, n_action_bins=config.n_action_bins,
+                                  depth_codes=depth_codes, max_actions=max_actions, glue_budget=glue_budget,
+                                  decoder=decoder)
 
     # -- construction -------------------------------------------------------------------------
     def _id(self, text: str) -> int:

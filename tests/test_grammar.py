@@ -252,3 +252,19 @@ def test_closing_tokens_carry_only_glue(grammar, tok, table):
             for text in closers:
                 assert not any(c in text.lstrip("]") for c in "[]<>"), text
             assert all(x.isdigit() for x in texts if not x.startswith("]")), texts
+
+
+def test_from_config_and_a_string_that_continues_into_another(checkpoint_a, tok, table):
+    config = ModelConfig.load(checkpoint_a)
+    g = OutputGrammar.from_config(config, tok, max_actions=2)
+    assert g.spec.action_dim == 7 and g.decoder.unnorm_key == "fractal20220817_data"
+    with pytest.raises(Exception, match="fractal20220817_data"):
+        OutputGrammar.from_config(config, tok, unnorm_key="bridge_orig")
+    # rank 82 " ðĸ¥" is a token prefix of rank 81 " ðĸ¥¨": before "]" both must be readable
+    for nested in (False, True):
+        ans = Answer(tuple(range(100)), ((1, 2),), ((0, 0, 0, 0, 0, 0, 82), (0, 0, 0, 0, 0, 0, 81)), nested,
+                     ("", "", "", "."))
+        events = feed(g.start(), ans.token_ids(tok, table))
+        acts = [e for e in events if isinstance(e, ActionComplete)]
+        assert [e.ids[-1] for e in acts] == [151642 - 82, 151642 - 81]
+        assert acts[0].values is not None and acts[0].values.shape == (7,)
