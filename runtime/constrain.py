@@ -35,8 +35,11 @@ def greedy_pick(logits: np.ndarray, state: GrammarState | None = None) -> int:
     logits = np.asarray(logits)
     if logits.ndim != 1:
         raise ValueError(f"greedy_pick takes one logits row [V], got shape {logits.shape}")
+    best = int(np.argmax(logits))
     if state is None:
-        return int(np.argmax(logits))
+        return best
+    if best < state.g.size and state.is_allowed(best):
+        return best  # the usual case for a trained model, and exactly what the masked argmax gives
     ids = state.allowed_ids()
     ids = ids[ids < logits.shape[0]]
     if ids.size == 0:
