@@ -16,7 +16,7 @@ from molmoact_edge.runtime.grammar import GrammarError, OutputGrammar
 from molmoact_edge.runtime.parser import parse_step
 from molmoact_edge.runtime.tokenizer import Tokenizer
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                            HealthCheck.too_slow])
 OUTPUT_VOCAB = 152064  # llm.vocab_size of the fixture: ids above are input-only
 

@@ -16,7 +16,7 @@ from molmoact_edge.runtime.parser import parse_actions, parse_step
 from molmoact_edge.runtime.tokenizer import Tokenizer
 
 K = 8
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                            HealthCheck.too_slow])
 
 
