@@ -255,7 +255,6 @@ class OutputGrammar:
             self.trie_first = _Trie(contextual("[", ",", False, "first element"), "first element")
             self.trie_mid = _Trie(contextual(" ", ",", False, "middle element"), "middle element")
             self.trie_last = _Trie(contextual(" ", "]", True, "last element"), "last element", terminated=False)
-        # " " + s starts with the space token merged or not; contextual(" ") keeps the whole sequence
 
     # -- cursors ------------------------------------------------------------------------------
     def start(self, trace=None) -> "GrammarState":
