@@ -34,7 +34,7 @@ class TraceComplete:
             raise ValueError(f"field 'points' must be a non-empty tuple of (x, y) pairs, got {self.points!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # numpy fields: compare the arrays, not the events
 class ActionComplete:
     """One action list, fixed once its last value is (the closing bracket is then certain).
 

@@ -137,7 +137,10 @@ class OutputGrammar:
     def from_tokenizer(cls, tokenizer, action_dim: int, n_action_bins: int = 256,
                        depth_codes: int = DEFAULT_DEPTH_CODES, max_actions: int = 1, glue_budget: int = 64,
                        decoder: ActionDecoder | None = None) -> "OutputGrammar":
-        """``decoder`` (with an unnorm key) makes ActionComplete carry de-normalised values."""
+        """``depth_codes`` codes per depth block, 1..``max_actions`` action lists, at most
+        ``glue_budget`` free tokens per glue gap (then the next part is forced, so even random
+        weights finish). ``decoder`` (with an unnorm key) makes ActionComplete carry de-normalised
+        values; without one they stay normalised."""
         spec = GrammarSpec(action_dim=action_dim, n_action_bins=n_action_bins, depth_codes=depth_codes,
                            max_actions=max_actions, glue_budget=glue_budget)
         if decoder is None:
