@@ -25,7 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unnorm-key", default=None,
                    help="norm_stats key used to de-normalise actions (needed when the checkpoint has several)")
     p.add_argument("--no-grammar", action="store_true",
-                   help="plain greedy decoding, token for token the official implementation's output")
+                   help="plain greedy decoding, token for token the official implementation's output "
+                        "(default: grammar-constrained decoding, which always yields a parseable answer)")
+    p.add_argument("--max-actions", type=int, default=8,
+                   help="most action lists the grammar allows in one answer (fine-tuned checkpoints emit 8)")
+    p.add_argument("--steer-trace", default=None, metavar="JSON",
+                   help='force this trace into the answer, e.g. "[[120, 200], [140, 180]]" (0-255, first image)')
+    p.add_argument("--stream", action="store_true", help="print depth / trace / actions to stderr as they complete")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -67,6 +73,27 @@ def open_pipeline(args):
     return open_bundle(args.bundle, backend=args.backend or "onnxruntime")
 
 
+def event_dict(t_ms: float, ev) -> dict:
+    from molmoact_edge.runtime.events import ActionComplete, DepthComplete, Finished, TraceComplete
+
+    d = {"t_ms": round(t_ms, 3)}
+    if isinstance(ev, DepthComplete):
+        d.update(type="depth", codes=list(ev.codes))
+    elif isinstance(ev, TraceComplete):
+        d.update(type="trace", points=[list(p) for p in ev.points], steered=ev.steered)
+    elif isinstance(ev, ActionComplete):
+        vals = ev.values if ev.values is not None else ev.normalized
+        d.update(type="action", index=ev.index, values=[float(v) for v in vals])
+    elif isinstance(ev, Finished):
+        d.update(type="finished", n_actions=ev.n_actions)
+    return d
+
+
+def parsed_dict(parsed) -> dict:
+    return {"depth": parsed.depth, "trace": parsed.trace,
+            "actions": [[float(v) for v in row] for row in parsed.actions], "parse_errors": parsed.parse_errors}
+
+
 def result_dict(out) -> dict:
     r = out.result
     return {
@@ -84,22 +111,54 @@ def result_dict(out) -> dict:
 
 
 def run(args) -> int:
+    from molmoact_edge.runtime.actions import ActionDecoder
     from molmoact_edge.runtime.config import ConfigError
+    from molmoact_edge.runtime.grammar import GrammarError, OutputGrammar
+    from molmoact_edge.runtime.parser import parse_step
 
     if args.max_new_tokens < 1:
         raise SystemExit("error: --max-new-tokens must be >= 1")
     images = _load_images(args.image)
+    steer = None
+    if args.steer_trace is not None:
+        try:
+            steer = [tuple(int(v) for v in pt) for pt in json.loads(args.steer_trace)]
+        except (json.JSONDecodeError, TypeError, ValueError):
+            raise SystemExit(f"error: --steer-trace must be a JSON list of [x, y] integer pairs, got {args.steer_trace!r}")
+    events = []
+
+    def on_event(t_ms, ev):
+        events.append(event_dict(t_ms, ev))
+        if args.stream:
+            print(json.dumps(events[-1]), file=sys.stderr, flush=True)
+
     try:
         with open_pipeline(args) as pipe:
-            out = pipe.step(images, args.instruction, args.template, args.max_new_tokens)
-    except (ConfigError, ValueError) as e:
+            spec = pipe.spec
+            decoder = ActionDecoder.from_checkpoint(spec.config, spec.tokenizer, args.unnorm_key,
+                                                    denormalize=bool(spec.config.norm_stats))
+            grammar = None
+            if not args.no_grammar:
+                grammar = OutputGrammar.from_config(spec.config, spec.tokenizer, args.unnorm_key,
+                                                    max_actions=args.max_actions)
+            out = pipe.step(images, args.instruction, args.template, args.max_new_tokens, grammar=grammar,
+                            steer_trace=steer, on_event=on_event)
+    except (ConfigError, GrammarError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    parsed = parse_step(out.text, decoder)
     d = result_dict(out)
+    d.update(parsed_dict(parsed))
+    d["grammar"] = not args.no_grammar
+    d["events"] = events
     if args.json:
         print(json.dumps(d, ensure_ascii=False))
     else:
         print(out.text)
+        if parsed.actions.size:
+            print("actions:", [[round(float(v), 4) for v in row] for row in parsed.actions], file=sys.stderr)
+        for err in parsed.parse_errors:
+            print(f"parse: {err}", file=sys.stderr)
         t = d["timings_ms"]
         print(f"[{d['prompt_tokens']} prompt tokens, {d['new_tokens']} new, stopped on {d['stopped']}; "
               f"vision {t['vision']:.0f} ms, prefill {t['prefill']:.0f} ms, decode {t['decode']:.0f} ms "

@@ -52,12 +52,20 @@ class Pipeline:
         self.spec, self.backend = spec, backend
 
     def step(self, images, instruction: str, template: str | None = None, max_new_tokens: int = 256,
-             grammar_state=None, on_event: Callable[[Any], None] | None = None) -> StepOutput:
+             grammar=None, steer_trace=None, on_event: Callable[[float, Any], None] | None = None) -> StepOutput:
+        """One step. With ``grammar`` (an :class:`~molmoact_edge.runtime.grammar.OutputGrammar`) decoding
+        is constrained to well-formed answers; ``steer_trace`` forces the trace slot (trajectory
+        steering). ``on_event(ms_since_start, event)`` streams depth / trace / each action as they
+        complete."""
+        if steer_trace is not None and grammar is None:
+            raise ValueError("steering the trace needs the output grammar (do not combine with --no-grammar)")
         t0 = time.perf_counter()
         inputs = self.spec.inputs(images, instruction, template)
         pre_ms = (time.perf_counter() - t0) * 1e3
+        state = grammar.start(trace=steer_trace) if grammar is not None else None
+        timed = None if on_event is None else (lambda ev: on_event((time.perf_counter() - t0) * 1e3, ev))
         result = generate(self.backend, inputs, self.spec.tokenizer.special.eos, max_new_tokens,
-                          grammar_state=grammar_state, on_event=on_event, preprocess_ms=pre_ms)
+                          grammar_state=state, on_event=timed, preprocess_ms=pre_ms)
         return StepOutput(inputs, result, self.spec.tokenizer.decode(result.token_ids))
 
     def close(self) -> None:
