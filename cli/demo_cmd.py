@@ -1,9 +1,10 @@
 """``molmoact-edge demo``: the whole pipeline offline, on a tiny random checkpoint.
 
 Builds a random MolmoAct checkpoint in the official layout (real tokenizer, real image geometry,
-tiny widths), draws a synthetic camera image, and runs one control step on it. Nothing is
-downloaded; no GPU, camera or robot is needed. The output is meaningless text (random weights): the
-point is to show every stage working and how long each takes.
+tiny widths), exports it to a bundle, draws a synthetic camera image and runs one control step on
+the bundle with onnxruntime and the output grammar, streaming depth, trace and action as they
+complete. Nothing is downloaded; no GPU, camera or robot is needed. The values are meaningless
+(random weights): the point is to show every stage working and how long each takes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=["tiny", "bench"], default="tiny", help="random model size preset")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--instruction", default="put the red block in the blue bowl")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=400)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -37,35 +38,61 @@ def synthetic_scene(height: int = 480, width: int = 640) -> np.ndarray:
 
 
 def run(args) -> int:
-    import torch
-
-    from molmoact_edge.export.checkpoint import load_model
-    from molmoact_edge.export.tiny import write_checkpoint
-    from molmoact_edge.export.torch_backend import TorchBackend
-    from molmoact_edge.generate_cmd import result_dict
-    from molmoact_edge.runtime.pipeline import ModelSpec, Pipeline
-
-    root = args.out or Path(tempfile.mkdtemp(prefix="molmoact-demo-"))
-    ckpt = root / f"checkpoint-{args.size}-seed{args.seed}"
-    if not (ckpt / "model.safetensors").exists():
-        write_checkpoint(ckpt, args.size, args.seed)
-    image = synthetic_scene()
     from PIL import Image
 
+    from molmoact_edge.export.onnx_export import export_bundle
+    from molmoact_edge.export.tiny import write_checkpoint
+    from molmoact_edge.generate_cmd import event_dict, parsed_dict, result_dict
+    from molmoact_edge.runtime.actions import ActionDecoder
+    from molmoact_edge.runtime.bundle import open_bundle
+    from molmoact_edge.runtime.grammar import OutputGrammar
+    from molmoact_edge.runtime.parser import parse_step, trace_to_pixels
+
+    say = (lambda *a: None) if args.json else print
+    root = args.out or Path(tempfile.mkdtemp(prefix="molmoact-demo-"))
+    ckpt = root / f"checkpoint-{args.size}-seed{args.seed}"
+    bundle = root / f"bundle-{args.size}-seed{args.seed}"
+    if not (ckpt / "model.safetensors").exists():
+        say(f"writing a random MolmoAct checkpoint (official layout) to {ckpt}")
+        write_checkpoint(ckpt, args.size, args.seed)
+    if not (bundle / "manifest.json").exists():
+        say(f"exporting it to an onnxruntime bundle at {bundle}")
+        export_bundle(ckpt, bundle, progress=say)
+    image = synthetic_scene()
     Image.fromarray(image).save(root / "scene.png")
-    spec = ModelSpec.load(ckpt)
-    with Pipeline(spec, TorchBackend(load_model(ckpt, torch.float32))) as pipe:
-        out = pipe.step([image], args.instruction, max_new_tokens=args.max_new_tokens)
+
+    events = []
+
+    def on_event(t_ms, ev):
+        events.append(event_dict(t_ms, ev))
+        e = events[-1]
+        if e["type"] == "trace":
+            px = trace_to_pixels(e["points"], image.shape[1], image.shape[0]).round(1).tolist()
+            say(f"  {t_ms:7.1f} ms  trace ready: {e['points']} (pixels {px})")
+        elif e["type"] == "depth":
+            say(f"  {t_ms:7.1f} ms  depth map ready: {len(e['codes'])} codes")
+        elif e["type"] == "action":
+            say(f"  {t_ms:7.1f} ms  action {e['index']}: {[round(v, 4) for v in e['values']]}")
+
+    say(f"running one step on {root / 'scene.png'} with the bundle on onnxruntime (grammar-constrained):")
+    with open_bundle(bundle) as pipe:
+        spec = pipe.spec
+        grammar = OutputGrammar.from_config(spec.config, spec.tokenizer, max_actions=1)
+        out = pipe.step([image], args.instruction, max_new_tokens=args.max_new_tokens, grammar=grammar,
+                        on_event=on_event)
+    parsed = parse_step(out.text, ActionDecoder.from_checkpoint(spec.config, spec.tokenizer))
     d = result_dict(out)
-    d["checkpoint"] = str(ckpt)
+    d.update(parsed_dict(parsed))
+    d.update(checkpoint=str(ckpt), bundle=str(bundle), events=events)
     if args.json:
         print(json.dumps(d, ensure_ascii=False))
         return 0
     t = d["timings_ms"]
-    print(f"checkpoint : {ckpt} (random weights, size preset '{args.size}')")
-    print(f"image      : {root / 'scene.png'} ({image.shape[1]}x{image.shape[0]})")
+    r = out.result
     print(f"prompt     : {d['prompt_tokens']} tokens ({out.inputs.n_image_tokens} image tokens, template {d['template']})")
-    print(f"generated  : {d['new_tokens']} tokens, stopped on {d['stopped']}")
-    print(f"text       : {out.text!r}")
+    print(f"generated  : {d['new_tokens']} tokens in {r.forwards} LLM forwards ({r.forced_tokens} forced by the "
+          f"grammar), stopped on {d['stopped']}")
+    print(f"answer ok  : {parsed.ok} {parsed.parse_errors or ''}")
     print("timings ms : " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + f"  ({d['tokens_per_s']} tok/s)")
+    print("(random weights: the values mean nothing; every stage and the answer format are real)")
     return 0

@@ -8,11 +8,14 @@ The graphs are exported with the torch.onnx dynamo exporter at opset 18: the por
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -100,6 +103,23 @@ def export_llm(model: MolmoAct, path: Path, dtype: torch.dtype, opset: int) -> N
     _save(program, path, _param_bytes(model) - _param_bytes(model.model.vision_backbone))
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs that torchvision's ops are not registered and that it renamed dynamic axes;
+    neither concerns these graphs, and a wall of them hides the progress lines."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+            warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+            yield
+    finally:
+        log.setLevel(level)
+
+
 def _versions() -> dict[str, str]:
     import onnx
 
@@ -132,7 +152,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
             step("exporting vision.onnx (ViT + pooling + projector)")
             export_vision(model, tmp / "vision.onnx", opset)
             step("exporting llm.onnx (prefill/decode/verify, KV in and out)")
