@@ -69,3 +69,33 @@ def golden_cases() -> list[tuple[Path, str]]:
 
 def case_id(item) -> str:
     return f"{item[0].name}/{item[1]}"
+
+
+def run_generate_json(case: GoldenCase, source: list[str], extra: list[str] = ()) -> dict:
+    """Run the user-facing ``molmoact-edge generate --json`` on a golden case's images and
+    instruction; ``source`` selects the model (``--checkpoint DIR`` or ``--bundle DIR ...``)."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "molmoact_edge", "generate", *source, "--instruction", case.instruction,
+           "--template", case.template, "--json", *extra]
+    for p in case.image_paths:
+        cmd += ["--image", str(p)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_a(checkpoint_a):
+    from molmoact_edge.runtime.tokenizer import Tokenizer
+
+    return Tokenizer.from_checkpoint(checkpoint_a)
+
+
+@pytest.fixture(scope="session")
+def config_a(checkpoint_a):
+    from molmoact_edge.runtime.config import ModelConfig
+
+    return ModelConfig.load(checkpoint_a)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import GoldenCase, case_id, fixture_dirs, golden_cases
+from conftest import GoldenCase, case_id, fixture_dirs, golden_cases, run_generate_json
 
 from molmoact_edge.export.checkpoint import load_model
 from molmoact_edge.export.onnx_export import export_bundle
@@ -37,14 +37,8 @@ def test_generate_bundle_onnxruntime_greedy_ids(item, bundles):
     fixture, name = item
     case = GoldenCase(fixture, name)
     n = len(case["generated_ids"])
-    cmd = [sys.executable, "-m", "molmoact_edge", "generate", "--bundle", str(bundles[fixture]),
-           "--backend", "onnxruntime", "--instruction", case.instruction, "--template", case.template,
-           "--max-new-tokens", str(n), "--no-grammar", "--json"]
-    for p in case.image_paths:
-        cmd += ["--image", str(p)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out = run_generate_json(case, ["--bundle", str(bundles[fixture]), "--backend", "onnxruntime"],
+                            ["--max-new-tokens", str(n), "--no-grammar"])
     assert out["token_ids"] == case["generated_ids"].tolist()
     assert out["prompt_tokens"] == case["input_ids"].shape[1]
 

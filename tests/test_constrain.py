@@ -22,23 +22,13 @@ OUTPUT_VOCAB = 152064  # llm.vocab_size of the fixture: ids above are input-only
 
 
 @pytest.fixture(scope="module")
-def tok(checkpoint_a):
-    return Tokenizer.from_checkpoint(checkpoint_a)
+def decoder(config_a, tokenizer_a):
+    return ActionDecoder.from_checkpoint(config_a, tokenizer_a)
 
 
 @pytest.fixture(scope="module")
-def config(checkpoint_a):
-    return ModelConfig.load(checkpoint_a)
-
-
-@pytest.fixture(scope="module")
-def decoder(config, tok):
-    return ActionDecoder.from_checkpoint(config, tok)
-
-
-@pytest.fixture(scope="module")
-def grammar(tok, decoder):
-    return OutputGrammar.from_tokenizer(tok, 7, max_actions=8, glue_budget=48, decoder=decoder)
+def grammar(tokenizer_a, decoder):
+    return OutputGrammar.from_tokenizer(tokenizer_a, 7, max_actions=8, glue_budget=48, decoder=decoder)
 
 
 # Gaussian noise rows drawn once: fresh 152k-entry draws per step would dominate the test time.
@@ -90,9 +80,9 @@ def decode(source, eos, state=None, max_new=700, use_forced=True):
 
 @SETTINGS
 @given(ans=answers(action_dim=7, max_actions=8), seed=st.integers(0, 2**32 - 1))
-def test_masked_greedy_equals_plain_greedy_on_well_formed_output(grammar, tok, ans, seed):
-    target = ans.token_ids(tok, action_table(tok))
-    eos = tok.special.eos
+def test_masked_greedy_equals_plain_greedy_on_well_formed_output(grammar, tokenizer_a, ans, seed):
+    target = ans.token_ids(tokenizer_a, action_table(tokenizer_a))
+    eos = tokenizer_a.special.eos
     plain = decode(TargetLogits(target, seed), eos)
     assert plain == target  # the source's unconstrained greedy answer is the well-formed one
     for use_forced in (False, True):
@@ -101,30 +91,30 @@ def test_masked_greedy_equals_plain_greedy_on_well_formed_output(grammar, tok, a
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_random_logits_always_give_a_parseable_answer(grammar, tok, decoder, seed):
+def test_random_logits_always_give_a_parseable_answer(grammar, tokenizer_a, decoder, seed):
     rng = np.random.default_rng(seed)
     state = grammar.start()
-    out = decode(lambda prefix: noise(rng), tok.special.eos, state)
-    assert state.is_complete and out[-1] == tok.special.eos
-    step = parse_step(tok.decode(out), decoder)
+    out = decode(lambda prefix: noise(rng), tokenizer_a.special.eos, state)
+    assert state.is_complete and out[-1] == tokenizer_a.special.eos
+    step = parse_step(tokenizer_a.decode(out), decoder)
     assert step.ok, step.parse_errors
     assert len(step.depth) == 100 and 1 <= len(step.trace) <= 5 and 1 <= len(step.actions) <= 8
     # unconstrained, the same noise never spells an answer
     rng = np.random.default_rng(seed)
-    plain = decode(lambda prefix: noise(rng), tok.special.eos, max_new=300)
-    assert not parse_step(tok.decode(plain), decoder).ok
+    plain = decode(lambda prefix: noise(rng), tokenizer_a.special.eos, max_new=300)
+    assert not parse_step(tokenizer_a.decode(plain), decoder).ok
 
 
-def test_mask_logits_and_greedy_pick_edges(grammar, tok):
+def test_mask_logits_and_greedy_pick_edges(grammar, tokenizer_a):
     state = grammar.start()
     row = np.zeros(OUTPUT_VOCAB, dtype=np.float32)
-    row[tok.special.eos] = 5.0  # EOS is not allowed before the answer
-    row[tok.special.depth_start] = 1.0
+    row[tokenizer_a.special.eos] = 5.0  # EOS is not allowed before the answer
+    row[tokenizer_a.special.depth_start] = 1.0
     masked = mask_logits(row, state)
     assert masked.dtype == np.float32 and masked.shape == row.shape
-    assert masked[tok.special.eos] == -np.inf and masked[tok.special.depth_start] == 1.0
-    assert greedy_pick(row) == tok.special.eos
-    assert greedy_pick(row, state) == tok.special.depth_start
+    assert masked[tokenizer_a.special.eos] == -np.inf and masked[tokenizer_a.special.depth_start] == 1.0
+    assert greedy_pick(row) == tokenizer_a.special.eos
+    assert greedy_pick(row, state) == tokenizer_a.special.depth_start
     assert mask_logits(np.stack([row, row]), state).shape == (2, OUTPUT_VOCAB)
     # ties go to the lowest allowed id, as np.argmax does
     flat = np.zeros(OUTPUT_VOCAB, dtype=np.float32)
@@ -132,8 +122,8 @@ def test_mask_logits_and_greedy_pick_edges(grammar, tok):
     with pytest.raises(ValueError, match="float"):
         mask_logits(np.zeros(10, dtype=np.int32), state)
     with pytest.raises(ValueError, match="entries"):
-        mask_logits(np.zeros(len(tok) + 1, dtype=np.float32), state)
-    state.advance(tok.special.depth_start)  # now only depth codes (ids > 151000): none in a 100-entry row
+        mask_logits(np.zeros(len(tokenizer_a) + 1, dtype=np.float32), state)
+    state.advance(tokenizer_a.special.depth_start)  # now only depth codes (ids > 151000): none in a 100-entry row
     with pytest.raises(GrammarError, match="no token"):
         greedy_pick(np.zeros(100, dtype=np.float32), state)
     with pytest.raises(GrammarError, match="no token"):

@@ -21,24 +21,19 @@ SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[Healt
 
 
 @pytest.fixture(scope="module")
-def tok(checkpoint_a):
-    return Tokenizer.from_checkpoint(checkpoint_a)
+def decoder(checkpoint_a, tokenizer_a):
+    return ActionDecoder.from_checkpoint(ModelConfig.load(checkpoint_a), tokenizer_a, "fractal20220817_data")
 
 
 @pytest.fixture(scope="module")
-def decoder(checkpoint_a, tok):
-    return ActionDecoder.from_checkpoint(ModelConfig.load(checkpoint_a), tok, "fractal20220817_data")
-
-
-@pytest.fixture(scope="module")
-def grammar(tok, decoder):
-    return OutputGrammar.from_tokenizer(tok, 7, n_action_bins=256, depth_codes=100, max_actions=K,
+def grammar(tokenizer_a, decoder):
+    return OutputGrammar.from_tokenizer(tokenizer_a, 7, n_action_bins=256, depth_codes=100, max_actions=K,
                                         glue_budget=64, decoder=decoder)
 
 
 @pytest.fixture(scope="module")
-def table(tok):
-    return action_table(tok)
+def table(tokenizer_a):
+    return action_table(tokenizer_a)
 
 
 def feed(state, ids, check_forced=True):
@@ -55,8 +50,8 @@ def feed(state, ids, check_forced=True):
 
 @SETTINGS
 @given(ans=answers(action_dim=7, max_actions=K))
-def test_well_formed_answers_are_accepted_and_read_back(grammar, tok, decoder, table, ans):
-    ids = ans.token_ids(tok, table)
+def test_well_formed_answers_are_accepted_and_read_back(grammar, tokenizer_a, decoder, table, ans):
+    ids = ans.token_ids(tokenizer_a, table)
     state = grammar.start()
     events = feed(state, ids)
     assert state.is_complete
@@ -64,11 +59,11 @@ def test_well_formed_answers_are_accepted_and_read_back(grammar, tok, decoder, t
     assert kinds == [DepthComplete, TraceComplete] + [ActionComplete] * len(ans.lists) + [Finished]
     assert events[0].codes == ans.codes
     assert events[1].points == ans.points and not events[1].steered
-    base = tok.special.base_vocab_size
+    base = tokenizer_a.special.base_vocab_size
     acts = [e for e in events if isinstance(e, ActionComplete)]
     assert [list(e.ids) for e in acts] == [[base - 1 - r for r in ranks] for ranks in ans.lists]
     # values agree with the official-equivalent text parser on the decoded answer
-    text = tok.decode(ids, skip_special_tokens=True)
+    text = tokenizer_a.decode(ids, skip_special_tokens=True)
     np.testing.assert_array_equal(np.stack([e.values for e in acts]), parse_actions(text, decoder))
     step = parse_step(text, decoder)
     assert step.ok, step.parse_errors
@@ -76,14 +71,14 @@ def test_well_formed_answers_are_accepted_and_read_back(grammar, tok, decoder, t
     assert events[-1].n_actions == len(ans.lists)
 
 
-def test_fixture_text_zero_shape_is_accepted(grammar, tok, table):
+def test_fixture_text_zero_shape_is_accepted(grammar, tokenizer_a, table):
     # the fixture's realistic answer, with a full 100-code depth block
     ans = Answer(tuple(range(100)), ((140, 225), (130, 212), (121, 198), (115, 180)),
                  ((255, 0, 140, 242, 42, 192, 255),), False,
                  ("The depth map of the first image is ", ". The trajectory of the end effector in the first image is",
                   ". Based on these information, along with other images from different camera views as additional "
                   "information, the action that the robot should take is", "."))
-    assert grammar.start().accepts(ans.token_ids(tok, table), complete=True)
+    assert grammar.start().accepts(ans.token_ids(tokenizer_a, table), complete=True)
 
 
 def _reject_at(grammar, ids, index, state=None):
@@ -103,17 +98,17 @@ def _first(ids, token_id, start=0):
 @given(ans=answers(action_dim=7, max_actions=K), kind=st.sampled_from(
     ["depth_short", "depth_long", "trace_big", "trace_zero_lead", "trace_six", "action_word", "quoted",
      "too_many_lists", "short_list", "early_eos", "no_depth"]), data=st.data())
-def test_malformed_answers_are_rejected_at_the_first_invalid_token(grammar, tok, table, ans, kind, data):
-    enc = tok.encode
-    eos = tok.special.eos
+def test_malformed_answers_are_rejected_at_the_first_invalid_token(grammar, tokenizer_a, table, ans, kind, data):
+    enc = tokenizer_a.encode
+    eos = tokenizer_a.special.eos
     if kind == "depth_short":
         bad = Answer(ans.codes[:99], *_rest(ans, 1))
-        ids = bad.token_ids(tok, table)
-        return _reject_at(grammar, ids, _first(ids, tok.special.depth_end))
+        ids = bad.token_ids(tokenizer_a, table)
+        return _reject_at(grammar, ids, _first(ids, tokenizer_a.special.depth_end))
     if kind == "depth_long":
         bad = Answer(ans.codes + (5,), *_rest(ans, 1))
-        ids = bad.token_ids(tok, table)
-        return _reject_at(grammar, ids, _first(ids, tok.special.depth_end) - 1)
+        ids = bad.token_ids(tokenizer_a, table)
+        return _reject_at(grammar, ids, _first(ids, tokenizer_a.special.depth_end) - 1)
     glue0 = ans.glue[0] + "<DEPTH_START>" + "".join(f"<DEPTH_{c}>" for c in ans.codes) + "<DEPTH_END>" + ans.glue[1]
     if kind in ("trace_big", "trace_zero_lead", "trace_six"):
         if kind == "trace_big":
@@ -173,55 +168,55 @@ def _rest(ans, skip):
 @SETTINGS
 @given(ans=answers(action_dim=7, max_actions=K), steer=st.lists(
     st.tuples(st.integers(0, 255), st.integers(0, 255)), min_size=1, max_size=5))
-def test_steering_forces_the_given_trace(grammar, tok, table, ans, steer):
+def test_steering_forces_the_given_trace(grammar, tokenizer_a, table, ans, steer):
     steered = Answer(ans.codes, tuple(steer), ans.lists, ans.nested, ans.glue)
-    ids = steered.token_ids(tok, table)
+    ids = steered.token_ids(tokenizer_a, table)
     state = grammar.start(trace=steer)
     events = feed(state, ids)
     trace_ev = [e for e in events if isinstance(e, TraceComplete)]
     assert trace_ev == [TraceComplete(tuple(steer), steered=True)]
     # everything between the opening "[[" and the closing "]]" is forced
     s = grammar.start(trace=steer)
-    opener = next(i for i, t in enumerate(ids) if tok.id_to_token(t) in ("Ġ[[", "[["))
+    opener = next(i for i, t in enumerate(ids) if tokenizer_a.id_to_token(t) in ("Ġ[[", "[["))
     feed(s, ids[:opener + 1], check_forced=False)
     span = s.forced_span()
-    close = next(i for i in range(opener + 1, len(ids)) if tok.id_to_token(ids[i]).startswith("]]"))
+    close = next(i for i in range(opener + 1, len(ids)) if tokenizer_a.id_to_token(ids[i]).startswith("]]"))
     assert span == ids[opener + 1:close]
     # a different trace is refused at its first differing token
     if tuple(steer) != ans.points:
-        other = Answer(ans.codes, ans.points, ans.lists, ans.nested, ans.glue).token_ids(tok, table)
+        other = Answer(ans.codes, ans.points, ans.lists, ans.nested, ans.glue).token_ids(tokenizer_a, table)
         diff = next(i for i, (a, b) in enumerate(zip(ids, other)) if a != b)
         assert not grammar.start(trace=steer).accepts(other[:diff + 1])
 
 
-def test_glue_budget_forces_the_next_part(tok, table):
-    g = OutputGrammar.from_tokenizer(tok, 7, glue_budget=3)
+def test_glue_budget_forces_the_next_part(tokenizer_a, table):
+    g = OutputGrammar.from_tokenizer(tokenizer_a, 7, glue_budget=3)
     s = g.start()
-    for t in tok.encode("The depth map")[:3]:
+    for t in tokenizer_a.encode("The depth map")[:3]:
         s.advance(t)
-    assert s.forced_span()[:1] == [tok.special.depth_start]
+    assert s.forced_span()[:1] == [tokenizer_a.special.depth_start]
     with pytest.raises(GrammarError, match="glue before depth"):
-        s.advance(tok.encode(" is")[0])
+        s.advance(tokenizer_a.encode(" is")[0])
 
 
-def test_forced_tokens_and_masks(grammar, tok):
+def test_forced_tokens_and_masks(grammar, tokenizer_a):
     s = grammar.start()
     m = s.allowed_mask()
-    assert m.shape == (len(tok),) and m.dtype == bool
-    assert m[tok.special.depth_start] and not m[tok.special.eos] and not m[tok.special.depth_end]
-    assert not m[tok.encode("[")[0]] and not m[tok.special.im_patch]
-    s.advance(tok.special.depth_start)
+    assert m.shape == (len(tokenizer_a),) and m.dtype == bool
+    assert m[tokenizer_a.special.depth_start] and not m[tokenizer_a.special.eos] and not m[tokenizer_a.special.depth_end]
+    assert not m[tokenizer_a.encode("[")[0]] and not m[tokenizer_a.special.im_patch]
+    s.advance(tokenizer_a.special.depth_start)
     assert s.forced_span() == []
     for _ in range(100):
-        s.advance(tok.special.depth_codes[3])
-    assert s.forced_span()[0] == tok.special.depth_end
-    assert not s.accepts([tok.special.depth_codes[0]])
+        s.advance(tokenizer_a.special.depth_codes[3])
+    assert s.forced_span()[0] == tokenizer_a.special.depth_end
+    assert not s.accepts([tokenizer_a.special.depth_codes[0]])
 
 
-def test_one_dimensional_actions_and_options(tok, table):
-    g = OutputGrammar.from_tokenizer(tok, 1, depth_codes=4, max_actions=2)
+def test_one_dimensional_actions_and_options(tokenizer_a, table):
+    g = OutputGrammar.from_tokenizer(tokenizer_a, 1, depth_codes=4, max_actions=2)
     ans = Answer((1, 2, 3, 4), ((0, 255),), ((81,), (82,)), False, ("", "", "", "."))
-    ids = ans.token_ids(tok, table)
+    ids = ans.token_ids(tokenizer_a, table)
     events = feed(g.start(), ids)
     assert [e.ids for e in events if isinstance(e, ActionComplete)] == [(151643 - 82,), (151643 - 83,)]
     assert events[-1] == Finished(2)
@@ -231,22 +226,22 @@ def test_one_dimensional_actions_and_options(tok, table):
         g.start(trace=[(1, 256)])
 
 
-def test_trace_values_stop_at_255(grammar, tok):
-    head = tok.encode("<DEPTH_START>" + "<DEPTH_0>" * 100 + "<DEPTH_END> [[")
+def test_trace_values_stop_at_255(grammar, tokenizer_a):
+    head = tokenizer_a.encode("<DEPTH_START>" + "<DEPTH_0>" * 100 + "<DEPTH_END> [[")
     for value, ok in (("255", True), ("256", False), ("250", True), ("260", False), ("0", True), ("00", False)):
-        assert grammar.start().accepts(head + tok.encode(value + ", 1]]")) is ok, value
+        assert grammar.start().accepts(head + tokenizer_a.encode(value + ", 1]]")) is ok, value
 
 
-def test_closing_tokens_carry_only_glue(grammar, tok, table):
+def test_closing_tokens_carry_only_glue(grammar, tokenizer_a, table):
     """Every token allowed to close the trace or the actions is the bracket(s) + glue text."""
     ans = Answer(tuple(range(100)), ((1, 2),), ((3,) * 7,), False, ("", "", "", ""))
     for nested in (False, True):
-        ids = Answer(ans.codes, ans.points, ans.lists, nested, ans.glue).token_ids(tok, table)
-        closes = [i for i, t in enumerate(ids) if tok.id_to_token(t).startswith("]")]
+        ids = Answer(ans.codes, ans.points, ans.lists, nested, ans.glue).token_ids(tokenizer_a, table)
+        closes = [i for i, t in enumerate(ids) if tokenizer_a.id_to_token(t).startswith("]")]
         for i in closes:
             s = grammar.start()
             feed(s, ids[:i], check_forced=False)
-            texts = [tok.id_to_token(int(t)) for t in s.allowed_ids()]
+            texts = [tokenizer_a.id_to_token(int(t)) for t in s.allowed_ids()]
             closers = [x for x in texts if x.startswith("]")]
             assert len(closers) > 10  # "]]", "]].", "]],", "]]\n", ...
             for text in closers:
@@ -254,17 +249,17 @@ def test_closing_tokens_carry_only_glue(grammar, tok, table):
             assert all(x.isdigit() for x in texts if not x.startswith("]")), texts
 
 
-def test_from_config_and_a_string_that_continues_into_another(checkpoint_a, tok, table):
+def test_from_config_and_a_string_that_continues_into_another(checkpoint_a, tokenizer_a, table):
     config = ModelConfig.load(checkpoint_a)
-    g = OutputGrammar.from_config(config, tok, max_actions=2)
+    g = OutputGrammar.from_config(config, tokenizer_a, max_actions=2)
     assert g.spec.action_dim == 7 and g.decoder.unnorm_key == "fractal20220817_data"
     with pytest.raises(Exception, match="fractal20220817_data"):
-        OutputGrammar.from_config(config, tok, unnorm_key="bridge_orig")
+        OutputGrammar.from_config(config, tokenizer_a, unnorm_key="bridge_orig")
     # rank 82 " ðĸ¥" is a token prefix of rank 81 " ðĸ¥¨": before "]" both must be readable
     for nested in (False, True):
         ans = Answer(tuple(range(100)), ((1, 2),), ((0, 0, 0, 0, 0, 0, 82), (0, 0, 0, 0, 0, 0, 81)), nested,
                      ("", "", "", "."))
-        events = feed(g.start(), ans.token_ids(tok, table))
+        events = feed(g.start(), ans.token_ids(tokenizer_a, table))
         acts = [e for e in events if isinstance(e, ActionComplete)]
         assert [e.ids[-1] for e in acts] == [151642 - 82, 151642 - 81]
         assert acts[0].values is not None and acts[0].values.shape == (7,)

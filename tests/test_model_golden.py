@@ -1,13 +1,9 @@
 """The torch reference against the official implementation's outputs (fp32, CPU)."""
 
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
-from conftest import GoldenCase, case_id, golden_cases
+from conftest import GoldenCase, case_id, golden_cases, run_generate_json
 
 from molmoact_edge.export.checkpoint import load_model
 
@@ -85,14 +81,7 @@ def test_generate_cli_greedy_ids(item):
     fixture, name = item
     case = GoldenCase(fixture, name)
     n = len(case["generated_ids"])
-    cmd = [sys.executable, "-m", "molmoact_edge", "generate", "--checkpoint", str(fixture / "checkpoint"),
-           "--instruction", case.instruction, "--template", case.template, "--max-new-tokens", str(n),
-           "--no-grammar", "--json"]
-    for p in case.image_paths:
-        cmd += ["--image", str(p)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out = run_generate_json(case, ["--checkpoint", str(fixture / "checkpoint")], ["--max-new-tokens", str(n), "--no-grammar"])
     assert out["token_ids"] == case["generated_ids"].tolist()
     assert out["prompt_tokens"] == case["input_ids"].shape[1]
     assert out["text"] == str(case["generated_text"])

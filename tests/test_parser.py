@@ -20,24 +20,14 @@ def cases(fixture_a):
     return json.loads((fixture_a / "cases" / "action_parsing.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def config(checkpoint_a):
-    return ModelConfig.load(checkpoint_a)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(checkpoint_a):
-    return Tokenizer.from_checkpoint(checkpoint_a)
-
-
 def _records(cases):
     return [(r, cases["texts"][r["text_index"]]) for r in cases["records"]]
 
 
-def test_every_fixture_record_matches_the_official_parser(cases, config, tokenizer):
+def test_every_fixture_record_matches_the_official_parser(cases, config_a, tokenizer_a):
     assert cases["records"], "fixture has no records"
     for rec, text in _records(cases):
-        dec = ActionDecoder.from_checkpoint(config, tokenizer, rec["unnorm_key"])
+        dec = ActionDecoder.from_checkpoint(config_a, tokenizer_a, rec["unnorm_key"])
         assert extract_depth_strings(text) == rec["parse_depth"]
         assert extract_traces(text) == rec["parse_trace"]
         got = parse_actions(text, dec)
@@ -47,8 +37,8 @@ def test_every_fixture_record_matches_the_official_parser(cases, config, tokeniz
         np.testing.assert_array_equal(got, want)
 
 
-def test_generated_texts_of_the_fixture_parse_to_nothing(fixture_a, cases, config, tokenizer):
-    dec = ActionDecoder.from_checkpoint(config, tokenizer)
+def test_generated_texts_of_the_fixture_parse_to_nothing(fixture_a, cases, config_a, tokenizer_a):
+    dec = ActionDecoder.from_checkpoint(config_a, tokenizer_a)
     for case, want in cases["on_generated_texts"].items():
         text = str(np.load(fixture_a / "cases" / f"{case}.npz")["generated_text"])
         assert extract_depth_strings(text) == want["parse_depth"]
@@ -56,22 +46,22 @@ def test_generated_texts_of_the_fixture_parse_to_nothing(fixture_a, cases, confi
         assert parse_actions(text, dec).tolist() == want["parse_action"]
 
 
-def test_action_strings_map_to_the_recorded_ids(cases, tokenizer):
+def test_action_strings_map_to_the_recorded_ids(cases, tokenizer_a):
     texts = cases["texts"]
     lists = extract_action_lists(texts[0], 7) + extract_action_lists(texts[1], 7)
     want = [cases["action_token_ids"][k] for k in ("text0", "text1_list0", "text1_list1")]
-    vocab = tokenizer.rust.get_vocab(with_added_tokens=False)
+    vocab = tokenizer_a.rust.get_vocab(with_added_tokens=False)
     assert [[vocab[s] for s in items] for items in lists] == want
 
 
-def test_unknown_unnorm_key_lists_the_available_ones(config, tokenizer):
+def test_unknown_unnorm_key_lists_the_available_ones(config_a, tokenizer_a):
     with pytest.raises(ConfigError, match="fractal20220817_data"):
-        ActionDecoder.from_checkpoint(config, tokenizer, "bridge_orig")
+        ActionDecoder.from_checkpoint(config_a, tokenizer_a, "bridge_orig")
 
 
-def test_unknown_strings_are_bin_zero_like_the_official_parser(config, tokenizer):
-    dec = ActionDecoder.from_checkpoint(config, tokenizer, denormalize=False)
-    table = [tokenizer.id_to_token(i) for i in dec.action_ids()]
+def test_unknown_strings_are_bin_zero_like_the_official_parser(config_a, tokenizer_a):
+    dec = ActionDecoder.from_checkpoint(config_a, tokenizer_a, denormalize=False)
+    table = [tokenizer_a.id_to_token(i) for i in dec.action_ids()]
     text = f"[{table[5]}, nonsense, <DEPTH_3>, {table[255]}, {table[254]}, {table[0]}, é]"
     got = parse_actions(text, dec, action_dim=7)[0]
     c = dec.bin_centers
@@ -80,8 +70,8 @@ def test_unknown_strings_are_bin_zero_like_the_official_parser(config, tokenizer
     np.testing.assert_array_equal(got, [c[5], c[0], c[0], c[254], c[254], c[0], c[254]])
 
 
-def test_parse_step_reports_what_is_wrong(cases, config, tokenizer):
-    dec = ActionDecoder.from_checkpoint(config, tokenizer)
+def test_parse_step_reports_what_is_wrong(cases, config_a, tokenizer_a):
+    dec = ActionDecoder.from_checkpoint(config_a, tokenizer_a)
     step = parse_step(cases["texts"][0], dec)
     # the fixture's text has 20 depth codes, not 100, and nothing else wrong
     assert step.depth[:3] == [47, 68, 25] and len(step.depth) == 20
@@ -116,12 +106,12 @@ def test_trace_to_pixels():
         trace_to_pixels([[1, 2]], 0, 10)
 
 
-def test_gripper_is_never_denormalised_even_if_the_mask_says_so(tokenizer):
+def test_gripper_is_never_denormalised_even_if_the_mask_says_so(tokenizer_a):
     from molmoact_edge.runtime.config import ActionStats
 
     stats = ActionStats(q01=np.array([-2.0, 0.0, 10.0]), q99=np.array([2.0, 1.0, 20.0]), mask=np.ones(3, bool))
-    dec = ActionDecoder(base_vocab=tokenizer.rust.get_vocab(with_added_tokens=False),
-                        base_vocab_size=tokenizer.special.base_vocab_size, stats=stats, unnorm_key="x")
+    dec = ActionDecoder(base_vocab=tokenizer_a.rust.get_vocab(with_added_tokens=False),
+                        base_vocab_size=tokenizer_a.special.base_vocab_size, stats=stats, unnorm_key="x")
     top = dec.bin_centers[-1]
     got = dec.decode_ids([dec.first_action_id] * 3)  # the highest bin in every dimension
     np.testing.assert_allclose(got, [0.5 * (top + 1) * 4 - 2, 0.5 * (top + 1), top])
