@@ -60,7 +60,7 @@ class OrtBackend:
         self.patch_id = config.image_patch_id
         self.kv_row = tuple(manifest.kv_shape[1:])
         self.kv: np.ndarray | None = None
-        self.stats = {"calls": 0, "tokens": 0, "host_ms": 0.0, "run_ms": 0.0}
+        self.reset_stats()
 
     def vision(self, crops: np.ndarray, pooled_patches_idx: np.ndarray) -> np.ndarray:
         feats = self.sessions["vision"].run(["image_features"], {
@@ -108,11 +108,17 @@ class OrtBackend:
         t2 = time.perf_counter()
         logits = binding.get_outputs()[0].numpy()
         t3 = time.perf_counter()
-        self.stats["calls"] += 1
-        self.stats["tokens"] += q
-        self.stats["host_ms"] += ((t1 - t0) + (t3 - t2)) * 1e3
-        self.stats["run_ms"] += (t2 - t1) * 1e3
+        kind = "decode" if q == 1 else "multi"
+        self.stats[f"{kind}_calls"] += 1
+        self.stats[f"{kind}_host_ms"] += ((t1 - t0) + (t3 - t2)) * 1e3
+        self.stats[f"{kind}_run_ms"] += (t2 - t1) * 1e3
         return logits
+
+    def reset_stats(self) -> None:
+        """Host time (embedding gather, binding, logits fetch) and graph time, split by one-token
+        decode calls and multi-token (prefill / forced span) calls."""
+        self.stats = {f"{k}_{m}": 0.0 if m != "calls" else 0 for k in ("decode", "multi")
+                      for m in ("calls", "host_ms", "run_ms")}
 
     def close(self) -> None:
         self.sessions.clear()
