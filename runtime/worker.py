@@ -1,0 +1,217 @@
+"""Run a policy asynchronously, at most one request in flight, in a thread or a separate process.
+
+The control loop submits an observation whenever the worker is idle and polls for the chunk every
+tick; it never waits. The process mode exists because a policy whose inference holds the GIL (a
+Python decode loop, tokenisation, grammar bookkeeping) would otherwise steal the executor's time
+slices: benchmarks/executor_jitter.py measures both modes and README.md records the decision.
+
+Errors never vanish: an exception inside `predict` or a worker process that dies is reported by
+`error`, and the loop's watchdog stops the arm on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from .policy import ActionChunk, Observation, PolicySpec, build_policy
+
+log = logging.getLogger(__name__)
+
+MODES = ("thread", "process")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    mode: str = "process"
+    start_timeout_s: float = 60.0  # a process must import numpy and build its policy
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"WorkerConfig.mode must be one of {MODES}, got {self.mode!r}")
+
+
+def _serve(spec: PolicySpec, requests, responses, stop: Callable[[], bool], clock=time.monotonic) -> None:
+    """The worker body, shared by both modes: build the policy, answer requests until told to stop."""
+    try:
+        policy = build_policy(spec)
+    except BaseException as e:
+        responses.put(("error", f"building the policy failed: {type(e).__name__}: {e}", clock()))
+        return
+    responses.put(("ready", None, clock()))
+    try:
+        while not stop():
+            try:
+                obs = requests.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if obs is None:
+                break
+            started = clock()
+            try:
+                actions = np.asarray(policy.predict(obs), dtype=np.float64)
+            except BaseException:
+                responses.put(("error", "policy.predict raised:\n" + traceback.format_exc(limit=6), clock()))
+                return
+            responses.put(("chunk", (actions, obs.timestamp, obs.index, obs.pose, policy.convention, started), clock()))
+    finally:
+        policy.close()
+
+
+def _process_main(spec, requests, responses) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides when the worker stops.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _serve(spec, requests, responses, stop=lambda: False)
+
+
+class InferenceWorker:
+    def __init__(self, spec: PolicySpec, config: WorkerConfig = WorkerConfig(), clock=time.monotonic) -> None:
+        self.spec = spec
+        self.config = config
+        self._clock = clock
+        self._busy_since: Optional[float] = None
+        self._error: Optional[str] = None
+        self._error_at: Optional[float] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._proc = None
+        self.requests_sent = 0
+
+    # -- lifecycle
+    def start(self) -> "InferenceWorker":
+        if self.config.mode == "thread":
+            self._requests: queue.Queue = queue.Queue(maxsize=1)
+            self._responses: queue.Queue = queue.Queue()
+            self._thread = threading.Thread(
+                target=_serve, args=(self.spec, self._requests, self._responses, self._stop.is_set, self._clock),
+                name="inference", daemon=True,
+            )
+            self._thread.start()
+        else:
+            # spawn, not fork: franky and librealsense run C++ threads that fork would copy mid-state.
+            ctx = mp.get_context("spawn")
+            self._requests = ctx.Queue(maxsize=1)
+            self._responses = ctx.Queue()
+            self._proc = ctx.Process(target=_process_main, args=(self.spec, self._requests, self._responses),
+                                     name="inference", daemon=True)
+            self._proc.start()
+        kind, payload, t = self._get(self.config.start_timeout_s)
+        if kind != "ready":
+            self.close()
+            raise RuntimeError(payload if kind == "error" else f"inference worker did not start within {self.config.start_timeout_s:.0f} s")
+        return self
+
+    def close(self) -> None:
+        """Stop and join; a worker stuck inside predict is abandoned (thread) or terminated (process)."""
+        self._stop.set()
+        if self._thread is not None:
+            try:
+                self._requests.put_nowait(None)
+            except queue.Full:
+                pass
+            self._thread.join(timeout=1.0)
+            if self._thread.is_alive():
+                log.warning("inference thread is still inside predict(); abandoning it (daemon)")
+            self._thread = None
+        if self._proc is not None:
+            try:
+                self._requests.put_nowait(None)
+            except Exception:
+                pass
+            self._proc.join(timeout=1.0)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(timeout=2.0)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(timeout=2.0)
+            for q in (self._requests, self._responses):
+                q.cancel_join_thread()
+                q.close()
+            self._proc = None
+
+    def __enter__(self) -> "InferenceWorker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- requests
+    @property
+    def busy(self) -> bool:
+        return self._busy_since is not None
+
+    @property
+    def busy_since(self) -> Optional[float]:
+        return self._busy_since
+
+    @property
+    def error(self) -> Optional[str]:
+        if self._error is None:
+            if self._proc is not None and not self._proc.is_alive():
+                self._set_error(f"inference process died (exit code {self._proc.exitcode})", self._clock())
+            elif self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+                self._drain()
+                if self._error is None:
+                    self._set_error("inference thread exited", self._clock())
+        return self._error
+
+    @property
+    def error_at(self) -> Optional[float]:
+        return self._error_at
+
+    def _set_error(self, message: str, at: float) -> None:
+        if self._error is None:
+            self._error, self._error_at = message, at
+            log.error("inference worker: %s", message.splitlines()[0])
+
+    def submit(self, obs: Observation) -> bool:
+        """Queue one observation; False (and nothing queued) while a request is in flight or after an error."""
+        if self.busy or self._error is not None:
+            return False
+        self._busy_since = self._clock()
+        self._requests.put(obs)
+        self.requests_sent += 1
+        return True
+
+    def poll(self) -> Optional[ActionChunk]:
+        """The finished chunk, if one arrived since the last poll; never blocks."""
+        return self._drain()
+
+    def _get(self, timeout: float):
+        try:
+            return self._responses.get(timeout=timeout)
+        except queue.Empty:
+            return ("timeout", None, self._clock())
+
+    def _drain(self) -> Optional[ActionChunk]:
+        chunk = None
+        while True:
+            try:
+                kind, payload, t = self._responses.get_nowait()
+            except queue.Empty:
+                return chunk
+            except (EOFError, OSError) as e:
+                self._set_error(f"inference worker connection broke: {e}", self._clock())
+                return chunk
+            if kind == "error":
+                self._busy_since = None
+                self._set_error(payload, t)
+            elif kind == "chunk":
+                actions, obs_t, obs_i, anchor, convention, started = payload
+                self._busy_since = None
+                try:
+                    chunk = ActionChunk(actions, obs_t, obs_i, anchor, convention, finished_at=t,
+                                        info={"inference_s": t - started})
+                except ValueError as e:
+                    self._set_error(f"policy returned a malformed chunk: {e}", t)
