@@ -15,6 +15,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("molmoact_edge.demo_cmd", "offline demo: build a tiny random checkpoint and run generate on it"),
     "generate": ("molmoact_edge.generate_cmd", "run one MolmoAct step on images + an instruction"),
+    "run": ("molmoact_edge.run_cmd", "close the loop: cameras -> policy -> safety -> Franka arm (or franky-sim)"),
+    "record": ("molmoact_edge.record_cmd", "record a RealSense camera to a .db3 file or an image folder"),
 }
 
 
