@@ -88,7 +88,6 @@ class FrankyArm:
         self._clock = clock
         self._robot = None
         self._gripper = None
-        self._gripper_future = None
         self._lock = threading.Lock()
         self._state: Optional[ArmState] = None
         self._error: Optional[str] = None
@@ -97,7 +96,9 @@ class FrankyArm:
         self._monitor: Optional[threading.Thread] = None
         self._stop_monitor = threading.Event()
         self._stopping = False
-        self._last_gripper_read = 0.0
+        self._gripper_width: Optional[float] = None
+        self._gripper_wanted: Optional[bool] = None
+        self._gripper_thread: Optional[threading.Thread] = None
 
     # -- lifecycle
     def connect(self) -> "FrankyArm":
@@ -145,6 +146,9 @@ class FrankyArm:
         self._stop_monitor.clear()
         self._monitor = threading.Thread(target=self._monitor_loop, name="franky-state", daemon=True)
         self._monitor.start()
+        if self._gripper is not None:
+            self._gripper_thread = threading.Thread(target=self._gripper_loop, name="franky-gripper", daemon=True)
+            self._gripper_thread.start()
         return self
 
     def close(self) -> None:
@@ -154,6 +158,9 @@ class FrankyArm:
         if self._monitor is not None:
             self._monitor.join(timeout=2.0)  # a read blocks at most ~1 s on a dead connection
             self._monitor = None
+        if self._gripper_thread is not None:
+            self._gripper_thread.join(timeout=3.0)  # a gripper move in progress finishes first
+            self._gripper_thread = None
         self._robot = None
         self._gripper = None
 
@@ -176,15 +183,9 @@ class FrankyArm:
         # Errors and gripper width are read here, never in state(): each is a network round trip.
         if self._robot.has_errors and self._error is None:
             self._set_error("the robot reports an error (reflex or safety stop); see Desk, then recover()")
-        width = self._state.gripper_width if self._state is not None else None
-        if self._gripper is not None and now - self._last_gripper_read > 0.05:
-            self._last_gripper_read = now
-            try:
-                width = float(self._gripper.width)
-            except Exception:
-                width = None
         with self._lock:
-            self._state = ArmState(pose=pose, host_time=now, robot_time_s=robot_t, error=self._error, gripper_width=width)
+            self._state = ArmState(pose=pose, host_time=now, robot_time_s=robot_t, error=self._error,
+                                   gripper_width=self._gripper_width)
 
     def _monitor_loop(self) -> None:
         while not self._stop_monitor.is_set():
@@ -248,17 +249,30 @@ class FrankyArm:
             self._set_error(f"stop failed: {type(e).__name__}: {e} (the controller's communication reflex stops a real arm)")
 
     def set_gripper(self, closed: bool) -> None:
-        if self._gripper is None:
-            return
+        """Record the wanted state; the gripper thread carries it out (never blocks the caller)."""
+        if self._gripper is not None:
+            self._gripper_wanted = bool(closed)
+
+    def _gripper_loop(self) -> None:
+        # Every call on the franky Gripper happens in this one thread: a command issued while
+        # another thread reads the width (or after Gripper.stop) can block indefinitely in libfranka.
         c = self.config
-        try:
-            if closed:
-                # epsilon_outer=1: succeed whatever the object width, we only want a firm grasp.
-                self._gripper_future = self._gripper.grasp_async(0.0, c.gripper_speed, c.gripper_force, 0.005, 1.0)
-            else:
-                self._gripper_future = self._gripper.move_async(c.gripper_open_width, c.gripper_speed)
-        except Exception as e:
-            self._set_error(f"gripper command failed: {type(e).__name__}: {e}")
+        done: Optional[bool] = None
+        while not self._stop_monitor.is_set():
+            wanted = self._gripper_wanted
+            try:
+                if wanted is not None and wanted != done:
+                    if wanted:
+                        # epsilon_outer=1: any object width counts as grasped; we want a firm grip only.
+                        self._gripper.grasp(0.0, c.gripper_speed, c.gripper_force, 0.005, 1.0)
+                    else:
+                        self._gripper.move(c.gripper_open_width, c.gripper_speed)
+                    done = wanted
+                self._gripper_width = float(self._gripper.width)
+            except Exception as e:
+                self._set_error(f"gripper failed: {type(e).__name__}: {e}")
+                return
+            self._stop_monitor.wait(0.05)
 
     def recover(self) -> bool:
         if self._robot is None:
