@@ -85,7 +85,8 @@ class Executor:
         except ValueError as e:
             return Accepted(ok=False, reason=f"chunk does not compose into poses: {e}")
         moving_since_obs = self.plan_end is not None and self.plan_end > chunk.observation_time
-        t0, schedule = (chunk.observation_time, "observation") if moving_since_obs else (now, "arrival")
+        # From arrival, the accepting tick counts as the first tick of the first action.
+        t0, schedule = (chunk.observation_time, "observation") if moving_since_obs else (now - self.safety.period_s, "arrival")
         period = conv.control_period_s
         wps = [
             Waypoint(t0 + (k + 1) * period, pose, conv.closedness(chunk.actions[k, 6]), k)
@@ -97,7 +98,9 @@ class Executor:
             last = wps[-1]
             fresh = [Waypoint(now + period, last.pose, last.closedness, last.index)]
         self.plan = fresh
-        self._start = (now, self.last_command if self.last_command is not None else current)
+        # The segment to the first waypoint starts one tick back, so that the tick accepting the chunk
+        # already advances instead of re-sending the previous target (a gap in the stream).
+        self._start = (now - self.safety.period_s, self.last_command if self.last_command is not None else current)
         self.plan_end = fresh[-1].due
         self.chunks_accepted += 1
         return Accepted(ok=True, dropped=dropped, kept=len(fresh), t0=t0, schedule=schedule)
@@ -126,7 +129,7 @@ class Executor:
         if desired is None:
             return out
         previous = self.last_command if self.last_command is not None else current
-        f = self.safety.filter(desired, previous)
+        f = self.safety.filter(desired, previous, current)
         out.interventions = f.interventions
         if f.target is None:
             out.refused = True

@@ -261,7 +261,7 @@ class ControlLoop:
             except ArmError as e:
                 return Fault("arm_error", str(e), now, now)
             self.status.commands += 1
-            self.runlog.write("command", now, target=step.target.to_dict(), desired=step.desired.to_dict(),
+            self.runlog.write("command", now, tick=result.ticks, target=step.target.to_dict(), desired=step.desired.to_dict(),
                               waypoint=step.waypoint, interventions=step.interventions, pose=state.pose.to_dict())
         if step.gripper is not None:
             self.arm.set_gripper(step.gripper)

@@ -5,6 +5,9 @@ What it guarantees for every commanded target, whatever the policy produced:
 - inside the workspace box (positions are clamped onto the box);
 - at most `max_step_m` of translation and `max_step_rad` of rotation away from the previous
   command (larger jumps are shortened along the same direction).
+The box bounds commanded targets, not the arm's overshoot: franky's planner may carry the arm a
+little past a target that reverses at speed, so keep a margin of a few centimetres between the box
+and real obstacles (the sim tests measure the overshoot).
 The dynamics factor (franky's velocity/acceleration/jerk scale) is part of this config because it
 is a safety limit too; the arm driver receives it at connect time. The hardware emergency stop and
 the controller's own reflexes stay in charge above all of this.
@@ -71,7 +74,7 @@ class SafetyLayer:
         f.interventions.append(what)
         self.counts[what] = self.counts.get(what, 0) + 1
 
-    def filter(self, desired: Pose, previous: Pose) -> Filtered:
+    def filter(self, desired: Pose, previous: Pose, current: Optional[Pose] = None) -> Filtered:
         """The target to command this step, given the desired one and the previous command."""
         out = Filtered(target=None)
         p, q = desired.p, desired.q
@@ -89,6 +92,9 @@ class SafetyLayer:
             # Both ends lie in the (convex) box, so the shortened step does too.
             p = previous.p + step * (self.max_step_m / n)
             self._count(out, "step_clamp")
+        # A no-op unless `previous` lies outside the box (the measured pose right after start-up or a
+        # stop, when the arm overshot): the box always wins over the step limit.
+        p = np.clip(p, lo, hi)
         angle = quat_angle(previous.q, q)
         if angle > self.max_step_rad:
             q = quat_slerp(previous.q, q, self.max_step_rad / angle)

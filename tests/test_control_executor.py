@@ -36,11 +36,11 @@ def test_waypoints_due_on_schedule_and_interpolated_every_tick():
     acc = ex.accept(chunk(steps_x(4), obs_t=100.0), clock.now(), HOME)
     assert acc.ok and acc.schedule == "arrival" and acc.dropped == 0 and acc.kept == 4
     xs = []
-    for _ in range(25):  # 0.5 s at 50 Hz covers the 0.4 s chunk
-        clock.advance(PERIOD)
+    for _ in range(25):  # 0.5 s at 50 Hz covers the 0.4 s chunk; the accepting tick is the first
         s = ex.step(clock.now(), HOME)
         if s.target is not None:
             xs.append(s.target.p[0])
+        clock.advance(PERIOD)
     # Every tick during the plan moves the target (0.004 m per 0.1 s = 0.0008 m per tick), then it holds.
     assert len(xs) == 20
     np.testing.assert_allclose(np.diff(xs), 0.0008, atol=1e-9)
@@ -67,7 +67,7 @@ def test_chunk_after_standing_still_is_scheduled_from_arrival():
     ex.accept(chunk(steps_x(2), obs_t=100.0), 100.0, HOME)  # plan ends at 100.2
     acc = ex.accept(chunk(steps_x(4), obs_t=101.0, index=1), 104.0, HOME)  # 3 s inference, robot idle
     assert acc.schedule == "arrival" and acc.dropped == 0
-    assert ex.plan[0].due == pytest.approx(104.1)
+    assert ex.plan[0].due == pytest.approx(104.08)  # the accepting tick (104.0) is the first of 5
 
 
 def test_all_stale_keeps_only_the_final_target():
@@ -143,7 +143,7 @@ def test_gripper_commanded_once_per_change_through_the_executor():
         if g is not None:
             commands.append((round(t - 100.0, 2), g))
     assert [c[1] for c in commands] == [False, True]
-    assert commands[1][0] == pytest.approx(0.22)  # the first tick of action 2's interval
+    assert commands[1][0] == pytest.approx(0.20)  # the first tick of action 2's interval (t0 = -1 tick)
 
 
 def test_watchdog_faults_and_their_times():
