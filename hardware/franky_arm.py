@@ -66,7 +66,7 @@ class FrankyConfig:
     gripper_force: float = 20.0  # N
     gripper_open_width: float = 0.08  # m
     realtime: bool = False  # True on an RT kernel: libfranka then enforces real-time scheduling
-    monitor_period_s: float = 0.002
+    monitor_period_s: float = 0.005  # 200 Hz: plenty for a 100 ms staleness limit, light on the GIL
 
     def __post_init__(self) -> None:
         if not self.host:

@@ -27,6 +27,18 @@ class SimError(RuntimeError):
     pass
 
 
+def _detach_and_die_with_parent() -> None:
+    # Own process group (so close() can signal the whole server), and SIGKILL when the parent dies
+    # (Linux PR_SET_PDEATHSIG), so a killed test run never leaves a simulator behind.
+    os.setsid()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def free_loopback_host() -> str:
     for _ in range(200):
         host = f"127.0.{random.randint(1, 250)}.{random.randint(2, 250)}"
@@ -71,7 +83,7 @@ class SimServer:
         env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             franky_sim_command() + ["--simulator", self.simulator, "--hostname", self.host],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=_detach_and_die_with_parent,
         )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:

@@ -116,6 +116,7 @@ class ControlLoop:
         self.status = Status(status_stream, config.status_interval_s)
         self.stop_event = threading.Event()
         self._obs_index = 0
+        self.tick_starts: list[float] = []  # for benchmarks/executor_jitter.py (capped)
         self._last_submitted_frame: Optional[float] = None
 
     # -- lifecycle
@@ -143,6 +144,8 @@ class ControlLoop:
         try:
             while True:
                 now = clock.now()
+                if len(self.tick_starts) < 100_000:
+                    self.tick_starts.append(now)
                 fault = self._tick(now, start, result)
                 if fault is not None:
                     self._stop(fault, result)

@@ -69,13 +69,16 @@ class Policy(Protocol):
 class ScriptedConfig:
     """Bring-up policy: move the end effector by `offset` (base frame, metres) from where it starts,
     in steps of at most `step_m` per action, `chunk` actions per prediction; optionally close the
-    gripper at the goal. `think_s` emulates inference latency (sleeping, so it costs no CPU)."""
+    gripper at the goal. `think_s` emulates inference latency: `think="sleep"` costs no CPU,
+    "python" burns it in pure Python holding the GIL (a Python decode loop), "numpy" burns it in
+    matrix products that release the GIL (an onnxruntime/TensorRT forward)."""
 
     offset: tuple[float, float, float] = (0.05, 0.0, 0.0)
     step_m: float = 0.01
     chunk: int = 8
     control_period_s: float = 0.1
     think_s: float = 0.0
+    think: str = "sleep"
     close_gripper_at_goal: bool = False
 
     def __post_init__(self) -> None:
@@ -87,6 +90,8 @@ class ScriptedConfig:
             raise ValueError(f"ScriptedConfig.chunk must be in [1, 64], got {self.chunk}")
         if self.think_s < 0:
             raise ValueError(f"ScriptedConfig.think_s must be >= 0, got {self.think_s}")
+        if self.think not in ("sleep", "python", "numpy"):
+            raise ValueError(f"ScriptedConfig.think must be one of sleep, python, numpy, got {self.think!r}")
 
 
 class ScriptedPolicy:
@@ -100,7 +105,7 @@ class ScriptedPolicy:
         if self.goal is None:
             self.goal = obs.pose.p + np.asarray(c.offset, dtype=np.float64)
         if c.think_s:
-            time.sleep(c.think_s)
+            _think(c.think, c.think_s)
         actions = np.zeros((c.chunk, 7))
         pos = obs.pose.p
         for k in range(c.chunk):
@@ -115,6 +120,21 @@ class ScriptedPolicy:
 
     def close(self) -> None:
         pass
+
+
+def _think(kind: str, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    if kind == "sleep":
+        time.sleep(seconds)
+    elif kind == "python":
+        x = 0
+        while time.monotonic() < end:
+            for i in range(1000):
+                x += i * i
+    else:
+        a = np.random.default_rng(0).standard_normal((384, 384)).astype(np.float32)
+        while time.monotonic() < end:
+            a = np.tanh(a @ a * 1e-3)
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,15 @@ MODES = ("thread", "process")
 class WorkerConfig:
     mode: str = "process"
     start_timeout_s: float = 60.0  # a process must import numpy and build its policy
+    # Process mode only: lower the inference process's scheduling priority so that, on a machine
+    # with fewer cores than busy threads, the kernel hands the executor its slice first.
+    nice: int = 10
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"WorkerConfig.mode must be one of {MODES}, got {self.mode!r}")
+        if not (0 <= self.nice <= 19):
+            raise ValueError(f"WorkerConfig.nice must be in [0, 19], got {self.nice}")
 
 
 def _serve(spec: PolicySpec, requests, responses, stop: Callable[[], bool], clock=time.monotonic) -> None:
@@ -66,11 +71,14 @@ def _serve(spec: PolicySpec, requests, responses, stop: Callable[[], bool], cloc
         policy.close()
 
 
-def _process_main(spec, requests, responses) -> None:
+def _process_main(spec, requests, responses, nice: int = 0) -> None:
     # Ctrl-C reaches the whole process group; the parent decides when the worker stops.
+    import os
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if nice:
+        os.nice(nice)
     _serve(spec, requests, responses, stop=lambda: False)
 
 
@@ -102,7 +110,7 @@ class InferenceWorker:
             ctx = mp.get_context("spawn")
             self._requests = ctx.Queue(maxsize=1)
             self._responses = ctx.Queue()
-            self._proc = ctx.Process(target=_process_main, args=(self.spec, self._requests, self._responses),
+            self._proc = ctx.Process(target=_process_main, args=(self.spec, self._requests, self._responses, self.config.nice),
                                      name="inference", daemon=True)
             self._proc.start()
         kind, payload, t = self._get(self.config.start_timeout_s)
