@@ -201,17 +201,26 @@ class FrankyArm:
             log.error("%s: %s", self.name, message)
         self._error = message
 
+    def _stale_for(self) -> float:
+        return self._clock() - self._last_advance
+
     def state(self) -> ArmState:
         with self._lock:
             s = self._state
         if s is None:
             raise ArmError(f"{self.name} is not connected: call connect() or use it in a `with` block")
-        stale = self._clock() - self._last_advance
+        stale = self._stale_for()
         error = self._error
         if error is None and stale > self.config.state_timeout_s:
             error = (f"no new robot state from {self.config.host} for {stale * 1000:.0f} ms: the connection "
                      "is lost or the controller stopped (check the network, Desk, or whether franky-sim is still running)")
         return ArmState(s.pose, s.host_time, s.robot_time_s, error, s.gripper_width)
+
+    @property
+    def _link_lost(self) -> bool:
+        # While the link is down the monitor thread sits in a 1 s blocking read holding franky's robot
+        # lock, and any other franky call would wait for it: never make one from the control thread then.
+        return self._stale_for() > self.config.state_timeout_s
 
     # -- commands
     def move_to(self, target: Pose) -> None:
@@ -220,6 +229,8 @@ class FrankyArm:
             raise ArmError(f"{self.name} is not connected")
         if self._error is not None:
             raise ArmError(f"{self.name} refuses motion while in error: {self._error}")
+        if self._link_lost:
+            raise ArmError(f"{self.name}: no robot state for {self._stale_for() * 1000:.0f} ms; motion refused")
         self._stopping = False
         affine = franky.Affine(np.asarray(target.position), np.asarray(target.quaternion))
         try:
@@ -230,7 +241,7 @@ class FrankyArm:
 
     def poll(self) -> None:
         """Surface an exception from the running motion (reflex, preemption after our own stop is ignored)."""
-        if self._robot is None:
+        if self._robot is None or self._link_lost:
             return
         try:
             self._robot.poll_motion()
@@ -243,6 +254,11 @@ class FrankyArm:
         if self._robot is None:
             return
         self._stopping = True
+        if self._link_lost:
+            # Nothing can reach the controller; it stops the arm by itself when the command stream
+            # it expects every millisecond stops arriving (libfranka's communication reflex).
+            self._set_error(f"stop not sent: link to {self.config.host} lost (the controller's communication reflex stops a real arm)")
+            return
         try:
             self._robot.stop()
         except Exception as e:

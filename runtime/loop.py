@@ -168,7 +168,10 @@ class ControlLoop:
                     self.status.overruns += 1
                     self.runlog.write("overrun", clock.now(), late_s=behind, skipped=missed - 1)
                     next_tick += missed * self.period
-                clock.sleep_until(next_tick)
+                fault = self._wait_until(next_tick)
+                if fault is not None:
+                    self._stop(fault, result)
+                    break
         except KeyboardInterrupt:
             now = clock.now()
             self._stop(Fault("interrupted", "interrupted by the user (Ctrl-C)", now, now), result)
@@ -201,6 +204,47 @@ class ControlLoop:
         self.runlog.write("stop", sent, fault=fault.kind, message=fault.message, occurred_at=fault.occurred_at,
                           detected_at=fault.detected_at, latency_s=sent - fault.occurred_at)
 
+    def _wait_until(self, deadline: float) -> Optional[Fault]:
+        """Sleep until the next tick, but handle inference news (a chunk, an error, a dead worker)
+        the moment it arrives, so that a policy fault stops the arm without waiting for the tick."""
+        clock = self.clock
+        while True:
+            remaining = deadline - clock.now()
+            if remaining <= 0.002:
+                clock.sleep_until(deadline)
+                return None
+            if self.worker.news.wait(remaining - 0.0015):
+                self.worker.news.clear()
+                now = clock.now()
+                err = self.worker.error
+                if err is not None:
+                    return self.watchdog.check(now, now, now, None, err, self.worker.error_at, None)
+                chunk = self.worker.poll()
+                if chunk is not None:
+                    self._handle_chunk(chunk, now, self.arm.state().pose)
+
+    def _handle_chunk(self, chunk, now: float, pose: Pose) -> None:
+        self.status.chunks += 1
+        self.status.latency_s = chunk.finished_at - chunk.observation_time
+        acc = self.executor.accept(chunk, now, pose)
+        self.runlog.write("chunk", now, observation=chunk.observation_index, observation_time=chunk.observation_time,
+                          finished_at=chunk.finished_at, actions=chunk.actions, accepted=acc.ok,
+                          dropped=acc.dropped, kept=acc.kept, schedule=acc.schedule, reason=acc.reason,
+                          info=chunk.info)
+        if not acc.ok:
+            # A broken chunk is refused whole and the arm holds still; the next chunk may be fine.
+            self.status.intervene("nonfinite_action")
+            self.arm.stop()
+            sent = self.clock.now()
+            self.executor.clear()
+            log.error("STOP (nonfinite_action): %s; arm holds, waiting for the next chunk", acc.reason)
+            self.runlog.write("stop", sent, fault="nonfinite_action", message=acc.reason,
+                              occurred_at=chunk.finished_at, detected_at=now, latency_s=sent - chunk.finished_at)
+        else:
+            self.status.last_action = [float(v) for v in chunk.actions[0]]
+            if acc.dropped:
+                self.status.intervene("stale_prefix_dropped")
+
     def _tick(self, now: float, start: float, result: RunResult) -> Optional[Fault]:
         c = self.config
         self.status.tick(now)
@@ -220,26 +264,7 @@ class ControlLoop:
             return fault
 
         if chunk is not None:
-            self.status.chunks += 1
-            self.status.latency_s = chunk.finished_at - chunk.observation_time
-            acc = self.executor.accept(chunk, now, state.pose)
-            self.runlog.write("chunk", now, observation=chunk.observation_index, observation_time=chunk.observation_time,
-                              finished_at=chunk.finished_at, actions=chunk.actions, accepted=acc.ok,
-                              dropped=acc.dropped, kept=acc.kept, schedule=acc.schedule, reason=acc.reason,
-                              info=chunk.info)
-            if not acc.ok:
-                # A broken chunk is refused whole and the arm holds still; the next chunk may be fine.
-                self.status.intervene("nonfinite_action")
-                self.arm.stop()
-                sent = self.clock.now()
-                self.executor.clear()
-                log.error("STOP (nonfinite_action): %s; arm holds, waiting for the next chunk", acc.reason)
-                self.runlog.write("stop", sent, fault="nonfinite_action", message=acc.reason,
-                                  occurred_at=chunk.finished_at, detected_at=now, latency_s=sent - chunk.finished_at)
-            else:
-                self.status.last_action = [float(v) for v in chunk.actions[0]]
-                if acc.dropped:
-                    self.status.intervene("stale_prefix_dropped")
+            self._handle_chunk(chunk, now, state.pose)
 
         if complete and not self.worker.busy and oldest != self._last_submitted_frame:
             remaining = None if self.executor.plan_end is None else self.executor.plan_end - now

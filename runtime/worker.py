@@ -44,8 +44,28 @@ class WorkerConfig:
             raise ValueError(f"WorkerConfig.nice must be in [0, 19], got {self.nice}")
 
 
-def _serve(spec: PolicySpec, requests, responses, stop: Callable[[], bool], clock=time.monotonic) -> None:
+class _PipeSender:
+    """The child's end of the response pipe, with the queue-like `put` that `_serve` uses."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+
+    def put(self, item) -> None:
+        self.conn.send(item)
+
+
+def _serve(spec: PolicySpec, requests, responses, stop: Callable[[], bool], clock=time.monotonic,
+           notify: Callable[[], None] = lambda: None) -> None:
     """The worker body, shared by both modes: build the policy, answer requests until told to stop."""
+    put = responses.put
+
+    class _Notifying:
+        @staticmethod
+        def put(item) -> None:
+            put(item)
+            notify()
+
+    responses = _Notifying
     try:
         policy = build_policy(spec)
     except BaseException as e:
@@ -71,7 +91,7 @@ def _serve(spec: PolicySpec, requests, responses, stop: Callable[[], bool], cloc
         policy.close()
 
 
-def _process_main(spec, requests, responses, nice: int = 0) -> None:
+def _process_main(spec, requests, conn, nice: int = 0) -> None:
     # Ctrl-C reaches the whole process group; the parent decides when the worker stops.
     import os
     import signal
@@ -79,7 +99,7 @@ def _process_main(spec, requests, responses, nice: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if nice:
         os.nice(nice)
-    _serve(spec, requests, responses, stop=lambda: False)
+    _serve(spec, requests, _PipeSender(conn), stop=lambda: False)
 
 
 class InferenceWorker:
@@ -93,7 +113,11 @@ class InferenceWorker:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._proc = None
+        self._rx: Optional[threading.Thread] = None
         self.requests_sent = 0
+        # Set whenever a response arrives or the worker dies, so that the control loop can react
+        # between ticks instead of at the next one.
+        self.news = threading.Event()
 
     # -- lifecycle
     def start(self) -> "InferenceWorker":
@@ -101,7 +125,8 @@ class InferenceWorker:
             self._requests: queue.Queue = queue.Queue(maxsize=1)
             self._responses: queue.Queue = queue.Queue()
             self._thread = threading.Thread(
-                target=_serve, args=(self.spec, self._requests, self._responses, self._stop.is_set, self._clock),
+                target=_serve, args=(self.spec, self._requests, self._responses, self._stop.is_set, self._clock,
+                                     self.news.set),
                 name="inference", daemon=True,
             )
             self._thread.start()
@@ -109,15 +134,40 @@ class InferenceWorker:
             # spawn, not fork: franky and librealsense run C++ threads that fork would copy mid-state.
             ctx = mp.get_context("spawn")
             self._requests = ctx.Queue(maxsize=1)
-            self._responses = ctx.Queue()
-            self._proc = ctx.Process(target=_process_main, args=(self.spec, self._requests, self._responses, self.config.nice),
+            self._responses = queue.Queue()
+            reader, writer = ctx.Pipe(duplex=False)
+            self._proc = ctx.Process(target=_process_main, args=(self.spec, self._requests, writer, self.config.nice),
                                      name="inference", daemon=True)
             self._proc.start()
+            writer.close()
+            self._rx = threading.Thread(target=self._receive, args=(reader, self._proc.sentinel),
+                                        name="inference-rx", daemon=True)
+            self._rx.start()
         kind, payload, t = self._get(self.config.start_timeout_s)
         if kind != "ready":
             self.close()
             raise RuntimeError(payload if kind == "error" else f"inference worker did not start within {self.config.start_timeout_s:.0f} s")
         return self
+
+    def _receive(self, reader, sentinel) -> None:
+        """Process mode: move responses from the pipe into the local queue; notice the process dying."""
+        from multiprocessing.connection import wait
+
+        try:
+            while not self._stop.is_set():
+                ready = wait([reader, sentinel], timeout=0.2)
+                if reader in ready:
+                    try:
+                        self._responses.put(reader.recv())
+                    except (EOFError, OSError):
+                        self.news.set()
+                        return
+                    self.news.set()
+                elif sentinel in ready:
+                    self.news.set()  # died without a word: `error` reports the exit code
+                    return
+        finally:
+            reader.close()
 
     def close(self) -> None:
         """Stop and join; a worker stuck inside predict is abandoned (thread) or terminated (process)."""
@@ -143,9 +193,11 @@ class InferenceWorker:
             if self._proc.is_alive():
                 self._proc.kill()
                 self._proc.join(timeout=2.0)
-            for q in (self._requests, self._responses):
-                q.cancel_join_thread()
-                q.close()
+            self._requests.cancel_join_thread()
+            self._requests.close()
+            if self._rx is not None:
+                self._rx.join(timeout=1.0)
+                self._rx = None
             self._proc = None
 
     def __enter__(self) -> "InferenceWorker":
@@ -208,9 +260,6 @@ class InferenceWorker:
             try:
                 kind, payload, t = self._responses.get_nowait()
             except queue.Empty:
-                return chunk
-            except (EOFError, OSError) as e:
-                self._set_error(f"inference worker connection broke: {e}", self._clock())
                 return chunk
             if kind == "error":
                 self._busy_since = None
