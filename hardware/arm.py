@@ -54,10 +54,10 @@ class Arm(Protocol):
         """Start moving to an absolute base-frame pose, replacing any running target; returns at once."""
         ...
 
-    def stop(self) -> None:
-        """Stop the current motion (the arm holds position). Never raises: a failed stop is logged and
-        reported through state().error; the controller's own reflexes and the hardware emergency stop
-        remain the last line of defence."""
+    def stop(self) -> bool:
+        """Stop the current motion (the arm holds position); True when the stop reached the arm's
+        client library. Never raises: a failed stop is logged and reported through state().error;
+        the controller's own reflexes and the hardware emergency stop remain the last line of defence."""
         ...
 
     def set_gripper(self, closed: bool) -> None:

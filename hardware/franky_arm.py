@@ -1,12 +1,14 @@
 """A Franka arm through franky (`pip install molmoact-edge[robot]`), real or franky-sim.
 
-Three things libfranka does not do for a streaming controller, done here:
+Four things libfranka does not do for a streaming controller, done here:
 - a TCP probe of the FCI port with a deadline before connecting, because libfranka blocks for about
   a minute on an unreachable host before it fails;
 - a state monitor thread: `Robot.state` blocks for up to 1 s when the connection is gone (it waits
   for the next UDP packet), and during a motion it silently returns the last state forever. The
   monitor reads in the background (franky releases the GIL) and marks the arm stale when the
   controller's clock stops advancing, so `state()` never blocks the control loop;
+- a command thread: move/stop/poll calls happen there, never in the control thread, because any
+  franky call waits on the robot lock that a blocked state read holds;
 - errors remembered and reported through `state().error` instead of surfacing on a later call.
 """
 
@@ -16,6 +18,7 @@ import logging
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
@@ -99,6 +102,12 @@ class FrankyArm:
         self._gripper_width: Optional[float] = None
         self._gripper_wanted: Optional[bool] = None
         self._gripper_thread: Optional[threading.Thread] = None
+        self._ops: deque = deque()
+        self._ops_lock = threading.Lock()
+        self._ops_event = threading.Event()
+        self._stop_commands = threading.Event()
+        self._commander: Optional[threading.Thread] = None
+        self.last_stop_sent_at: Optional[float] = None
 
     # -- lifecycle
     def connect(self) -> "FrankyArm":
@@ -149,11 +158,18 @@ class FrankyArm:
         if self._gripper is not None:
             self._gripper_thread = threading.Thread(target=self._gripper_loop, name="franky-gripper", daemon=True)
             self._gripper_thread.start()
+        self._stop_commands.clear()
+        self._commander = threading.Thread(target=self._command_loop, name="franky-commands", daemon=True)
+        self._commander.start()
         return self
 
     def close(self) -> None:
         if self._robot is not None:
-            self.stop()
+            self.stop(wait_s=1.5)
+        self._stop_commands.set()
+        if self._commander is not None:
+            self._commander.join(timeout=2.0)
+            self._commander = None
         self._stop_monitor.set()
         if self._monitor is not None:
             self._monitor.join(timeout=2.0)  # a read blocks at most ~1 s on a dead connection
@@ -223,36 +239,76 @@ class FrankyArm:
         return self._stale_for() > self.config.state_timeout_s
 
     # -- commands
+    # The control thread never calls franky: while the link is failing, the monitor's read holds
+    # franky's robot lock for up to 1 s and any call would wait for it. Commands go through a small
+    # queue to the command thread instead: the newest target replaces an unsent one, stops keep
+    # their place in line.
     def move_to(self, target: Pose) -> None:
-        franky = franky_module()
         if self._robot is None:
             raise ArmError(f"{self.name} is not connected")
         if self._error is not None:
             raise ArmError(f"{self.name} refuses motion while in error: {self._error}")
         if self._link_lost:
             raise ArmError(f"{self.name}: no robot state for {self._stale_for() * 1000:.0f} ms; motion refused")
-        self._stopping = False
-        affine = franky.Affine(np.asarray(target.position), np.asarray(target.quaternion))
-        try:
-            self._robot.move(franky.CartesianMotion(affine), asynchronous=True)
-        except Exception as e:
-            self._set_error(f"move rejected: {type(e).__name__}: {e}")
-            raise ArmError(f"{self.name}: move rejected: {e}") from e
+        with self._ops_lock:
+            if self._ops and self._ops[-1] != "stop":
+                self._ops[-1] = target
+            else:
+                self._ops.append(target)
+        self._ops_event.set()
 
     def poll(self) -> None:
-        """Surface an exception from the running motion (reflex, preemption after our own stop is ignored)."""
-        if self._robot is None or self._link_lost:
-            return
-        try:
-            self._robot.poll_motion()
-        except Exception as e:
-            if self._stopping and "preempted" in str(e).lower():
-                return  # the exception our own stop() provokes
-            self._set_error(f"motion aborted: {type(e).__name__}: {e}")
+        """Kept for the Arm interface: the command thread polls the running motion itself."""
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.05) -> bool:
+        """Queue a stop ahead of any later target; wait up to `wait_s` for it to be sent.
+
+        Returns True when the stop reached franky. Never raises."""
         if self._robot is None:
-            return
+            return False
+        sent = threading.Event()
+        with self._ops_lock:
+            self._ops = deque(op for op in self._ops if not isinstance(op, Pose))  # drop unsent targets
+            self._ops.append(("stop", sent))
+        self._ops_event.set()
+        return sent.wait(wait_s)
+
+    def _command_loop(self) -> None:
+        franky = franky_module()
+        while not self._stop_commands.is_set():
+            self._ops_event.wait(0.01)
+            self._ops_event.clear()
+            while True:
+                with self._ops_lock:
+                    op = self._ops.popleft() if self._ops else None
+                if op is None:
+                    break
+                if isinstance(op, Pose):
+                    if self._link_lost or self._error is not None:
+                        continue
+                    affine = franky.Affine(np.asarray(op.position), np.asarray(op.quaternion))
+                    for attempt in (0, 1):
+                        try:
+                            self._robot.move(franky.CartesianMotion(affine), asynchronous=True)
+                            self._stopping = False
+                            break
+                        except Exception as e:
+                            # The preemption our own stop provoked can surface on the next move: retry once.
+                            if attempt == 0 and self._stopping and "preempted" in str(e).lower():
+                                continue
+                            self._set_error(f"move rejected: {type(e).__name__}: {e}")
+                else:
+                    self._send_stop()
+                    self.last_stop_sent_at = self._clock()
+                    op[1].set()
+            if not self._link_lost and not self._stopping:
+                try:
+                    self._robot.poll_motion()
+                except Exception as e:
+                    if not (self._stopping and "preempted" in str(e).lower()):
+                        self._set_error(f"motion aborted: {type(e).__name__}: {e}")
+
+    def _send_stop(self) -> None:
         self._stopping = True
         if self._link_lost:
             # Nothing can reach the controller; it stops the arm by itself when the command stream
@@ -263,6 +319,11 @@ class FrankyArm:
             self._robot.stop()
         except Exception as e:
             self._set_error(f"stop failed: {type(e).__name__}: {e} (the controller's communication reflex stops a real arm)")
+        # Clear the preemption exception our own stop provokes, so it is not reported as a fault.
+        try:
+            self._robot.poll_motion()
+        except Exception:
+            pass
 
     def set_gripper(self, closed: bool) -> None:
         """Record the wanted state; the gripper thread carries it out (never blocks the caller)."""

@@ -176,6 +176,15 @@ class Watchdog:
     def __init__(self, config: WatchdogConfig) -> None:
         self.config = config
 
+    def next_deadline(self, newest_frame_time: Optional[float], started_at: float,
+                      worker_busy_since: Optional[float]) -> float:
+        """When a time-based fault would become real if nothing new arrives before then."""
+        reference = newest_frame_time if newest_frame_time is not None else started_at
+        t = reference + self.config.frame_timeout_s
+        if worker_busy_since is not None:
+            t = min(t, worker_busy_since + self.config.action_timeout_s)
+        return t
+
     def check(
         self,
         now: float,

@@ -168,7 +168,7 @@ class ControlLoop:
                     self.status.overruns += 1
                     self.runlog.write("overrun", clock.now(), late_s=behind, skipped=missed - 1)
                     next_tick += missed * self.period
-                fault = self._wait_until(next_tick)
+                fault = self._wait_until(next_tick, start)
                 if fault is not None:
                     self._stop(fault, result)
                     break
@@ -191,7 +191,7 @@ class ControlLoop:
         return result
 
     def _stop(self, fault: Fault, result: RunResult) -> None:
-        self.arm.stop()
+        confirmed = self.arm.stop()
         sent = self.clock.now()
         self.executor.clear()
         result.reason = "fault" if fault.kind != "interrupted" else "interrupted"
@@ -202,18 +202,33 @@ class ControlLoop:
         if self.status.stream is not None:
             print(msg, file=self.status.stream, flush=True)
         self.runlog.write("stop", sent, fault=fault.kind, message=fault.message, occurred_at=fault.occurred_at,
-                          detected_at=fault.detected_at, latency_s=sent - fault.occurred_at)
+                          detected_at=fault.detected_at, latency_s=sent - fault.occurred_at, sent=confirmed)
 
-    def _wait_until(self, deadline: float) -> Optional[Fault]:
+    def _frames_time(self) -> Optional[float]:
+        frames = [cam.latest() for cam in self.cameras]
+        return min(f.timestamp for f in frames) if all(f is not None for f in frames) else None
+
+    def _wait_until(self, deadline: float, start: float) -> Optional[Fault]:
         """Sleep until the next tick, but handle inference news (a chunk, an error, a dead worker)
-        the moment it arrives, so that a policy fault stops the arm without waiting for the tick."""
+        the moment it arrives, and wake when a stale frame or a hung inference is due, so that a
+        fault stops the arm without waiting for the next tick."""
         clock = self.clock
         while True:
-            remaining = deadline - clock.now()
+            now = clock.now()
+            due = self.watchdog.next_deadline(self._frames_time(), start, self.worker.busy_since)
+            if due <= now:
+                fault = self.watchdog.check(now, self._frames_time(), start, self.worker.busy_since,
+                                            None, None, None)
+                if fault is not None:
+                    return fault
+            remaining = deadline - now
             if remaining <= 0.002:
                 clock.sleep_until(deadline)
                 return None
-            if self.worker.news.wait(remaining - 0.0015):
+            wait = remaining - 0.0015
+            if now < due < now + wait:
+                wait = due - now + 0.0002
+            if self.worker.news.wait(wait):
                 self.worker.news.clear()
                 now = clock.now()
                 err = self.worker.error
@@ -234,12 +249,13 @@ class ControlLoop:
         if not acc.ok:
             # A broken chunk is refused whole and the arm holds still; the next chunk may be fine.
             self.status.intervene("nonfinite_action")
-            self.arm.stop()
+            confirmed = self.arm.stop()
             sent = self.clock.now()
             self.executor.clear()
             log.error("STOP (nonfinite_action): %s; arm holds, waiting for the next chunk", acc.reason)
             self.runlog.write("stop", sent, fault="nonfinite_action", message=acc.reason,
-                              occurred_at=chunk.finished_at, detected_at=now, latency_s=sent - chunk.finished_at)
+                              occurred_at=chunk.finished_at, detected_at=now, latency_s=sent - chunk.finished_at,
+                              sent=confirmed)
         else:
             self.status.last_action = [float(v) for v in chunk.actions[0]]
             if acc.dropped:
