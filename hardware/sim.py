@@ -80,7 +80,7 @@ class SimServer:
 
     def start(self) -> "SimServer":
         self._log = tempfile.NamedTemporaryFile("w+", prefix="franky-sim-", suffix=".log", delete=False)
-        env = dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")  # headless: MuJoCo loads no GL unless rendering
         self.proc = subprocess.Popen(
             franky_sim_command() + ["--simulator", self.simulator, "--hostname", self.host],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=_detach_and_die_with_parent,
