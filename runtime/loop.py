@@ -197,10 +197,7 @@ class ControlLoop:
         result.reason = "fault" if fault.kind != "interrupted" else "interrupted"
         result.fault = fault
         result.stop_latency_s = sent - fault.occurred_at
-        msg = f"STOP ({fault.kind}): {fault.message}"
-        log.error(msg)
-        if self.status.stream is not None:
-            print(msg, file=self.status.stream, flush=True)
+        log.error("STOP (%s): %s", fault.kind, fault.message)
         self.runlog.write("stop", sent, fault=fault.kind, message=fault.message, occurred_at=fault.occurred_at,
                           detected_at=fault.detected_at, latency_s=sent - fault.occurred_at, sent=confirmed)
 

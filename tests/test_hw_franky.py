@@ -76,3 +76,21 @@ def test_pose_move_gripper_and_stop(sim):  # noqa: F811
         # Motions can be commanded again after a stop.
         arm.move_to(goal)
         wait_for(lambda: arm.state().pose.distance(goal)[0] < 1e-3, 10.0, "a motion after stop")
+
+
+@pytest.mark.hardware
+def test_live_franka_reads_state_and_holds():
+    """On a real arm (MOLMOACT_FRANKA_IP set, FCI enabled): connect, read the pose, stop. No motion."""
+    import os
+
+    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
+
+    host = os.environ.get("MOLMOACT_FRANKA_IP")
+    if not host:
+        pytest.skip("no physical Franka: set MOLMOACT_FRANKA_IP to the robot's FCI address to run this")
+    with FrankyArm(FrankyConfig(host, gripper=False)) as arm:
+        s = arm.state()
+        assert s.error is None, s.error
+        time.sleep(0.2)
+        assert arm.state().robot_time_s > s.robot_time_s
+        assert arm.stop()
