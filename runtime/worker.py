@@ -114,6 +114,7 @@ class InferenceWorker:
         self._thread: Optional[threading.Thread] = None
         self._proc = None
         self._rx: Optional[threading.Thread] = None
+        self._ready: Optional[ActionChunk] = None
         self.requests_sent = 0
         # Set whenever a response arrives or the worker dies, so that the control loop can react
         # between ticks instead of at the next one.
@@ -144,6 +145,7 @@ class InferenceWorker:
                                         name="inference-rx", daemon=True)
             self._rx.start()
         kind, payload, t = self._get(self.config.start_timeout_s)
+        self.news.clear()  # the "ready" message is no news for the control loop
         if kind != "ready":
             self.close()
             raise RuntimeError(payload if kind == "error" else f"inference worker did not start within {self.config.start_timeout_s:.0f} s")
@@ -218,9 +220,14 @@ class InferenceWorker:
     @property
     def error(self) -> Optional[str]:
         if self._error is None:
-            if self._proc is not None and not self._proc.is_alive():
-                self._set_error(f"inference process died (exit code {self._proc.exitcode})", self._clock())
-            elif self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            self._drain()  # an error message may be waiting; read it before judging liveness
+            if self._error is None and self._proc is not None and not self._proc.is_alive():
+                if self._rx is not None:
+                    self._rx.join(timeout=0.5)  # let the receiver hand over the process's last words
+                self._drain()
+                if self._error is None:
+                    self._set_error(f"inference process died (exit code {self._proc.exitcode})", self._clock())
+            elif self._error is None and self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
                 self._drain()
                 if self._error is None:
                     self._set_error("inference thread exited", self._clock())
@@ -246,7 +253,9 @@ class InferenceWorker:
 
     def poll(self) -> Optional[ActionChunk]:
         """The finished chunk, if one arrived since the last poll; never blocks."""
-        return self._drain()
+        self._drain()
+        chunk, self._ready = self._ready, None
+        return chunk
 
     def _get(self, timeout: float):
         try:
@@ -254,13 +263,13 @@ class InferenceWorker:
         except queue.Empty:
             return ("timeout", None, self._clock())
 
-    def _drain(self) -> Optional[ActionChunk]:
-        chunk = None
+    def _drain(self) -> None:
+        """Move every waiting response into `_ready` (newest chunk) or `_error`."""
         while True:
             try:
                 kind, payload, t = self._responses.get_nowait()
             except queue.Empty:
-                return chunk
+                return
             if kind == "error":
                 self._busy_since = None
                 self._set_error(payload, t)
@@ -268,7 +277,7 @@ class InferenceWorker:
                 actions, obs_t, obs_i, anchor, convention, started = payload
                 self._busy_since = None
                 try:
-                    chunk = ActionChunk(actions, obs_t, obs_i, anchor, convention, finished_at=t,
-                                        info={"inference_s": t - started})
+                    self._ready = ActionChunk(actions, obs_t, obs_i, anchor, convention, finished_at=t,
+                                              info={"inference_s": t - started})
                 except ValueError as e:
                     self._set_error(f"policy returned a malformed chunk: {e}", t)
