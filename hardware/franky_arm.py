@@ -266,6 +266,9 @@ class FrankyArm:
         Returns True when the stop reached franky. Never raises."""
         if self._robot is None:
             return False
+        if self._link_lost:
+            self._send_stop()  # records why nothing could be sent; makes no franky call
+            return False
         sent = threading.Event()
         with self._ops_lock:
             self._ops = deque(op for op in self._ops if not isinstance(op, Pose))  # drop unsent targets
