@@ -1,7 +1,8 @@
 """Replay cameras: the same `Camera` interface fed from a recording instead of a sensor.
 
 Two sources: a pyrealsense2 recording (`.db3`, what 2.59's recorder writes; ROS1 `.bag` files from
-older librealsense versions are also accepted by its playback) and a plain image folder
+older librealsense versions are handed to the same playback, untested since 2.59 cannot write one)
+and a plain image folder
 (`color/*.png|jpg` or images at the top level, optional `depth/*.png` 16-bit, `intrinsics.json`,
 `timestamps.txt`). Frames are paced at the recorded rate and stamped with the host clock on
 arrival, exactly like a live camera, so the control loop cannot tell the difference.
