@@ -1,0 +1,138 @@
+"""`molmoact-edge run`: close the loop between cameras, a policy and a Franka arm.
+
+    molmoact-edge run --camera realsense[:SERIAL] | replay:PATH  (repeat for more cameras)
+                      --robot franka:IP | sim[:HOST] --instruction TEXT --policy scripted
+
+`--robot sim` starts franky-sim (MuJoCo) for the run; `sim:HOST` uses one already running there.
+Robot-side only: nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}") from None
+    if len(vals) != n:
+        raise argparse.ArgumentTypeError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+    return vals
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--camera", action="append", required=True, metavar="SPEC",
+                   help="realsense | realsense:SERIAL | replay:PATH (.db3 recording or image folder); repeat for several")
+    p.add_argument("--robot", required=True, metavar="SPEC", help="franka:IP | sim (start franky-sim) | sim:HOST (running franky-sim)")
+    p.add_argument("--instruction", required=True, help="the task in words, e.g. 'put the cup in the sink'")
+    p.add_argument("--policy", default="scripted", choices=["scripted", "molmoact"],
+                   help="scripted: move by --scripted-offset (bring-up without a model); molmoact: not wired yet")
+    p.add_argument("--rate", type=float, default=50.0, help="executor rate in Hz, 20-50 (default 50)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
+    p.add_argument("--log", default=None, help="JSONL run log (default runs/run-<time>.jsonl)")
+    p.add_argument("--worker", choices=["thread", "process"], default="process",
+                   help="where inference runs (default process: it keeps the executor on time, see README)")
+    p.add_argument("--dynamics", type=float, default=0.1, help="franky relative dynamics factor (default 0.1)")
+    p.add_argument("--max-speed", type=float, default=0.25, help="max commanded EE speed in m/s (default 0.25)")
+    p.add_argument("--workspace", default=None, metavar="XMIN,YMIN,ZMIN,XMAX,YMAX,ZMAX",
+                   help="workspace box in the base frame, metres (default 0.25,-0.4,0.05,0.75,0.4,0.7)")
+    p.add_argument("--scripted-offset", default="0.05,0,0", metavar="DX,DY,DZ", help="scripted policy goal offset in metres")
+    p.add_argument("--frame-timeout", type=float, default=0.5, help="stop when the newest frame is older (s)")
+    p.add_argument("--action-timeout", type=float, default=60.0, help="stop when one inference takes longer (s)")
+    p.add_argument("--no-gripper", action="store_true", help="the arm has no Franka Hand")
+    p.add_argument("--record", default=None, metavar="PATH.db3", help="also record the (first) RealSense stream to this file")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def open_camera(spec: str, record: str | None = None):
+    from molmoact_edge.hardware.realsense import RealSenseCamera, RealSenseConfig
+    from molmoact_edge.hardware.replay import ReplayConfig, open_replay
+
+    kind, _, arg = spec.partition(":")
+    if kind == "realsense":
+        return RealSenseCamera(RealSenseConfig(serial=arg or None, record_to=record))
+    if kind == "replay":
+        if not arg:
+            raise ValueError("--camera replay:PATH needs a path (a .db3 recording or an image folder)")
+        return open_replay(ReplayConfig(arg))
+    raise ValueError(f"--camera {spec!r}: expected realsense, realsense:SERIAL or replay:PATH")
+
+
+@contextlib.contextmanager
+def open_robot(spec: str, dynamics: float, gripper: bool):
+    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
+
+    kind, _, arg = spec.partition(":")
+    if kind == "franka":
+        if not arg:
+            raise ValueError("--robot franka:IP needs the robot's FCI address, e.g. franka:172.16.0.2")
+        with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper)) as arm:
+            yield arm
+    elif kind == "sim":
+        if arg:
+            with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper)) as arm:
+                yield arm
+        else:
+            from molmoact_edge.hardware.sim import SimServer
+
+            with SimServer() as sim:
+                print(f"franky-sim running on {sim.host}", file=sys.stderr)
+                with FrankyArm(FrankyConfig(sim.host, dynamics_factor=dynamics, gripper=gripper)) as arm:
+                    yield arm
+    else:
+        raise ValueError(f"--robot {spec!r}: expected franka:IP, sim or sim:HOST")
+
+
+def run(args: argparse.Namespace) -> int:
+    from molmoact_edge.hardware.arm import ArmError
+    from molmoact_edge.hardware.camera import CameraError, CameraSet
+    from molmoact_edge.hardware.deps import MissingDependencyError
+    from molmoact_edge.runtime.executor import WatchdogConfig
+    from molmoact_edge.runtime.loop import ControlLoop, LoopConfig
+    from molmoact_edge.runtime.policy import PolicySpec, PolicyUnavailable, ScriptedConfig, build_policy
+    from molmoact_edge.runtime.safety import SafetyConfig
+    from molmoact_edge.runtime.worker import WorkerConfig
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log_path = args.log or str(Path("runs") / time.strftime("run-%Y%m%d-%H%M%S.jsonl"))
+    try:
+        safety_kw = {"dynamics_factor": args.dynamics, "max_speed_m_s": args.max_speed}
+        if args.workspace:
+            box = _floats(args.workspace, 6, "--workspace")
+            safety_kw |= {"workspace_min": box[:3], "workspace_max": box[3:]}
+        spec = PolicySpec(kind=args.policy, scripted=ScriptedConfig(offset=_floats(args.scripted_offset, 3, "--scripted-offset")))
+        if spec.kind == "molmoact":
+            build_policy(spec)  # fails with the reason before any hardware is touched
+        config = LoopConfig(
+            instruction=args.instruction, rate_hz=args.rate, safety=SafetyConfig(**safety_kw),
+            watchdog=WatchdogConfig(frame_timeout_s=args.frame_timeout, action_timeout_s=args.action_timeout),
+            worker=WorkerConfig(mode=args.worker), log_path=log_path, max_duration_s=args.duration,
+        )
+        cameras = [open_camera(s, args.record if i == 0 else None) for i, s in enumerate(args.camera)]
+    except (ValueError, argparse.ArgumentTypeError, PolicyUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        with CameraSet(cameras), open_robot(args.robot, args.dynamics, not args.no_gripper) as arm:
+            for cam in cameras:
+                cam.wait_first_frame(5.0)
+            with ControlLoop(cameras, arm, spec, config) as loop:
+                print(f"running: {args.instruction!r} | {arm.name} | {', '.join(c.name for c in cameras)} | "
+                      f"{config.rate_hz:.0f} Hz | log {log_path} | Ctrl-C stops the arm", file=sys.stderr)
+                result = loop.run()
+    except (CameraError, ArmError, MissingDependencyError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # during start-up, before the loop took over
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(f"finished: {result.reason}" + (f" ({result.fault.kind}: {result.fault.message})" if result.fault else "")
+          + f"; {result.ticks} ticks, {result.commands} commands, {result.chunks} chunks; log {log_path}", file=sys.stderr)
+    return result.exit_code

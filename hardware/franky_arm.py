@@ -1,0 +1,367 @@
+"""A Franka arm through franky (`pip install molmoact-edge[robot]`), real or franky-sim.
+
+Four things libfranka does not do for a streaming controller, done here:
+- a TCP probe of the FCI port with a deadline before connecting, because libfranka blocks for about
+  a minute on an unreachable host before it fails;
+- a state monitor thread: `Robot.state` blocks for up to 1 s when the connection is gone (it waits
+  for the next UDP packet), and during a motion it silently returns the last state forever. The
+  monitor reads in the background (franky releases the GIL) and marks the arm stale when the
+  controller's clock stops advancing, so `state()` never blocks the control loop;
+- a command thread: move/stop/poll calls happen there, never in the control thread, because any
+  franky call waits on the robot lock that a blocked state read holds;
+- errors remembered and reported through `state().error` instead of surfacing on a later call.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .arm import ArmError, ArmState
+from .deps import require
+from .geometry import Pose
+
+log = logging.getLogger(__name__)
+
+FCI_PORT = 1337  # libfranka's command port; the gripper uses 1338
+
+UNREACHABLE_FIX = (
+    "Check that the robot is powered and unlocked, FCI is activated in Desk, the network path works "
+    "(`ping {host}`; the workstation must be on the robot's subnet), and no other process is "
+    "connected to it. For the simulator run `franky-sim --simulator mujoco` (it prints the address) "
+    "or use --robot sim."
+)
+
+
+def franky_module():
+    return require("franky", "franky-control")
+
+
+def probe(host: str, port: int = FCI_PORT, timeout_s: float = 2.0) -> None:
+    """Raise ArmError naming the fix unless `host:port` accepts a TCP connection within the deadline."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except socket.timeout:
+        raise ArmError(
+            f"Franka at {host}:{port} did not answer within {timeout_s:.1f} s (no route or host down). "
+            + UNREACHABLE_FIX.format(host=host)
+        ) from None
+    except OSError as e:
+        raise ArmError(f"Franka at {host}:{port} is unreachable: {e}. " + UNREACHABLE_FIX.format(host=host)) from None
+
+
+@dataclass(frozen=True)
+class FrankyConfig:
+    host: str
+    dynamics_factor: float = 0.1  # franky's relative velocity/acceleration/jerk scale
+    connect_timeout_s: float = 3.0
+    state_timeout_s: float = 0.1  # controller clock frozen this long => connection lost
+    gripper: bool = True
+    gripper_speed: float = 0.05  # m/s
+    gripper_force: float = 20.0  # N
+    gripper_open_width: float = 0.08  # m
+    realtime: bool = False  # True on an RT kernel: libfranka then enforces real-time scheduling
+    monitor_period_s: float = 0.005  # 200 Hz: plenty for a 100 ms staleness limit, light on the GIL
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("FrankyConfig.host must be the robot's FCI address, e.g. 172.16.0.2")
+        if not (0.0 < self.dynamics_factor <= 1.0):
+            raise ValueError(f"FrankyConfig.dynamics_factor must be in (0, 1], got {self.dynamics_factor}")
+        if self.connect_timeout_s <= 0:
+            raise ValueError(f"FrankyConfig.connect_timeout_s must be positive, got {self.connect_timeout_s}")
+        if not (0.005 <= self.state_timeout_s <= 5.0):
+            raise ValueError(f"FrankyConfig.state_timeout_s must be in [0.005, 5] s, got {self.state_timeout_s}")
+        if not (0.0 < self.gripper_open_width <= 0.08):
+            raise ValueError(f"FrankyConfig.gripper_open_width must be in (0, 0.08] m, got {self.gripper_open_width}")
+
+
+class FrankyArm:
+    def __init__(self, config: FrankyConfig, clock=time.monotonic) -> None:
+        self.config = config
+        self.name = f"franka:{config.host}"
+        self._clock = clock
+        self._robot = None
+        self._gripper = None
+        self._lock = threading.Lock()
+        self._state: Optional[ArmState] = None
+        self._error: Optional[str] = None
+        self._last_robot_time: Optional[float] = None
+        self._last_advance: float = 0.0
+        self._monitor: Optional[threading.Thread] = None
+        self._stop_monitor = threading.Event()
+        self._stopping = False
+        self._gripper_width: Optional[float] = None
+        self._gripper_wanted: Optional[bool] = None
+        self._gripper_thread: Optional[threading.Thread] = None
+        self._ops: deque = deque()
+        self._ops_lock = threading.Lock()
+        self._ops_event = threading.Event()
+        self._stop_commands = threading.Event()
+        self._commander: Optional[threading.Thread] = None
+        self.last_stop_sent_at: Optional[float] = None
+
+    # -- lifecycle
+    def connect(self) -> "FrankyArm":
+        if self._robot is not None:
+            return self
+        franky = franky_module()
+        c = self.config
+        probe(c.host, FCI_PORT, c.connect_timeout_s)
+        box: dict = {}
+
+        def construct() -> None:
+            try:
+                rt = franky.RealtimeConfig.Enforce if c.realtime else franky.RealtimeConfig.Ignore
+                box["robot"] = franky.Robot(c.host, realtime_config=rt)
+            except Exception as e:  # reported to the caller below
+                box["error"] = e
+
+        # The probe passed, but libfranka's handshake can still hang (wrong firmware, a second
+        # client); a daemon thread bounds it with the same deadline.
+        t = threading.Thread(target=construct, name="franky-connect", daemon=True)
+        t.start()
+        t.join(c.connect_timeout_s + 2.0)
+        if t.is_alive():
+            raise ArmError(f"libfranka did not finish connecting to {c.host} within {c.connect_timeout_s + 2:.0f} s. "
+                           + UNREACHABLE_FIX.format(host=c.host))
+        if "error" in box:
+            e = box["error"]
+            raise ArmError(f"libfranka refused the connection to {c.host}: {type(e).__name__}: {e}. "
+                           "A version mismatch means franky-control does not match the robot's system "
+                           "version; otherwise " + UNREACHABLE_FIX.format(host=c.host)) from e
+        robot = box["robot"]
+        robot.relative_dynamics_factor = c.dynamics_factor
+        if robot.has_errors:
+            log.warning("%s: robot reports errors at connect; running automatic recovery", self.name)
+            robot.recover_from_errors()
+        self._robot = robot
+        if c.gripper:
+            try:
+                self._gripper = franky.Gripper(c.host)
+            except Exception as e:
+                self.close()
+                raise ArmError(f"gripper at {c.host}:1338 is unreachable: {e}. Enable the Franka Hand in Desk or "
+                               "pass gripper=False (CLI: --no-gripper).") from e
+        self._read_state()  # fail now rather than in the first control tick
+        self._stop_monitor.clear()
+        self._monitor = threading.Thread(target=self._monitor_loop, name="franky-state", daemon=True)
+        self._monitor.start()
+        if self._gripper is not None:
+            self._gripper_thread = threading.Thread(target=self._gripper_loop, name="franky-gripper", daemon=True)
+            self._gripper_thread.start()
+        self._stop_commands.clear()
+        self._commander = threading.Thread(target=self._command_loop, name="franky-commands", daemon=True)
+        self._commander.start()
+        return self
+
+    def close(self) -> None:
+        if self._robot is not None:
+            self.stop(wait_s=1.5)
+        self._stop_commands.set()
+        if self._commander is not None:
+            self._commander.join(timeout=2.0)
+            self._commander = None
+        self._stop_monitor.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=2.0)  # a read blocks at most ~1 s on a dead connection
+            self._monitor = None
+        if self._gripper_thread is not None:
+            self._gripper_thread.join(timeout=3.0)  # a gripper move in progress finishes first
+            self._gripper_thread = None
+        self._robot = None
+        self._gripper = None
+
+    def __enter__(self) -> "FrankyArm":
+        return self.connect()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- state
+    def _read_state(self) -> None:
+        st = self._robot.state
+        now = self._clock()
+        robot_t = st.time.to_sec()
+        if self._last_robot_time is None or robot_t != self._last_robot_time:
+            self._last_robot_time = robot_t
+            self._last_advance = now
+        ee = st.O_T_EE
+        pose = Pose(tuple(np.asarray(ee.translation, float)), tuple(np.asarray(ee.quaternion, float)))
+        # Errors and gripper width are read here, never in state(): each is a network round trip.
+        if self._robot.has_errors and self._error is None:
+            self._set_error("the robot reports an error (reflex or safety stop); see Desk, then recover()")
+        with self._lock:
+            self._state = ArmState(pose=pose, host_time=now, robot_time_s=robot_t, error=self._error,
+                                   gripper_width=self._gripper_width)
+
+    def _monitor_loop(self) -> None:
+        while not self._stop_monitor.is_set():
+            try:
+                self._read_state()
+            except Exception as e:
+                self._set_error(f"reading the robot state failed: {type(e).__name__}: {e}")
+                self._stop_monitor.wait(0.05)
+            self._stop_monitor.wait(self.config.monitor_period_s)
+
+    def _set_error(self, message: str) -> None:
+        if self._error is None:
+            log.error("%s: %s", self.name, message)
+        self._error = message
+
+    def _stale_for(self) -> float:
+        return self._clock() - self._last_advance
+
+    def state(self) -> ArmState:
+        with self._lock:
+            s = self._state
+        if s is None:
+            raise ArmError(f"{self.name} is not connected: call connect() or use it in a `with` block")
+        stale = self._stale_for()
+        error = self._error
+        if error is None and stale > self.config.state_timeout_s:
+            error = (f"no new robot state from {self.config.host} for {stale * 1000:.0f} ms: the connection "
+                     "is lost or the controller stopped (check the network, Desk, or whether franky-sim is still running)")
+        return ArmState(s.pose, s.host_time, s.robot_time_s, error, s.gripper_width)
+
+    @property
+    def _link_lost(self) -> bool:
+        # While the link is down the monitor thread sits in a 1 s blocking read holding franky's robot
+        # lock, and any other franky call would wait for it: never make one from the control thread then.
+        return self._stale_for() > self.config.state_timeout_s
+
+    # -- commands
+    # The control thread never calls franky: while the link is failing, the monitor's read holds
+    # franky's robot lock for up to 1 s and any call would wait for it. Commands go through a small
+    # queue to the command thread instead: the newest target replaces an unsent one, stops keep
+    # their place in line.
+    def move_to(self, target: Pose) -> None:
+        if self._robot is None:
+            raise ArmError(f"{self.name} is not connected")
+        if self._error is not None:
+            raise ArmError(f"{self.name} refuses motion while in error: {self._error}")
+        if self._link_lost:
+            raise ArmError(f"{self.name}: no robot state for {self._stale_for() * 1000:.0f} ms; motion refused")
+        with self._ops_lock:
+            if self._ops and self._ops[-1] != "stop":
+                self._ops[-1] = target
+            else:
+                self._ops.append(target)
+        self._ops_event.set()
+
+    def poll(self) -> None:
+        """Kept for the Arm interface: the command thread polls the running motion itself."""
+
+    def stop(self, wait_s: float = 0.05) -> bool:
+        """Queue a stop ahead of any later target; wait up to `wait_s` for it to be sent.
+
+        Returns True when the stop reached franky. Never raises."""
+        if self._robot is None:
+            return False
+        if self._link_lost:
+            self._send_stop()  # records why nothing could be sent; makes no franky call
+            return False
+        sent = threading.Event()
+        with self._ops_lock:
+            self._ops = deque(op for op in self._ops if not isinstance(op, Pose))  # drop unsent targets
+            self._ops.append(("stop", sent))
+        self._ops_event.set()
+        return sent.wait(wait_s)
+
+    def _command_loop(self) -> None:
+        franky = franky_module()
+        while not self._stop_commands.is_set():
+            self._ops_event.wait(0.01)
+            self._ops_event.clear()
+            while True:
+                with self._ops_lock:
+                    op = self._ops.popleft() if self._ops else None
+                if op is None:
+                    break
+                if isinstance(op, Pose):
+                    if self._link_lost or self._error is not None:
+                        continue
+                    affine = franky.Affine(np.asarray(op.position), np.asarray(op.quaternion))
+                    for attempt in (0, 1):
+                        try:
+                            self._robot.move(franky.CartesianMotion(affine), asynchronous=True)
+                            self._stopping = False
+                            break
+                        except Exception as e:
+                            # The preemption our own stop provoked can surface on the next move: retry once.
+                            if attempt == 0 and self._stopping and "preempted" in str(e).lower():
+                                continue
+                            self._set_error(f"move rejected: {type(e).__name__}: {e}")
+                else:
+                    self._send_stop()
+                    self.last_stop_sent_at = self._clock()
+                    op[1].set()
+            if not self._link_lost and not self._stopping:
+                try:
+                    self._robot.poll_motion()
+                except Exception as e:
+                    if not (self._stopping and "preempted" in str(e).lower()):
+                        self._set_error(f"motion aborted: {type(e).__name__}: {e}")
+
+    def _send_stop(self) -> None:
+        self._stopping = True
+        if self._link_lost:
+            # Nothing can reach the controller; it stops the arm by itself when the command stream
+            # it expects every millisecond stops arriving (libfranka's communication reflex).
+            self._set_error(f"stop not sent: link to {self.config.host} lost (the controller's communication reflex stops a real arm)")
+            return
+        try:
+            self._robot.stop()
+        except Exception as e:
+            self._set_error(f"stop failed: {type(e).__name__}: {e} (the controller's communication reflex stops a real arm)")
+        # Clear the preemption exception our own stop provokes, so it is not reported as a fault.
+        try:
+            self._robot.poll_motion()
+        except Exception:
+            pass
+
+    def set_gripper(self, closed: bool) -> None:
+        """Record the wanted state; the gripper thread carries it out (never blocks the caller)."""
+        if self._gripper is not None:
+            self._gripper_wanted = bool(closed)
+
+    def _gripper_loop(self) -> None:
+        # Every call on the franky Gripper happens in this one thread: a command issued while
+        # another thread reads the width (or after Gripper.stop) can block indefinitely in libfranka.
+        c = self.config
+        done: Optional[bool] = None
+        while not self._stop_monitor.is_set():
+            wanted = self._gripper_wanted
+            try:
+                if wanted is not None and wanted != done:
+                    if wanted:
+                        # epsilon_outer=1: any object width counts as grasped; we want a firm grip only.
+                        self._gripper.grasp(0.0, c.gripper_speed, c.gripper_force, 0.005, 1.0)
+                    else:
+                        self._gripper.move(c.gripper_open_width, c.gripper_speed)
+                    done = wanted
+                self._gripper_width = float(self._gripper.width)
+            except Exception as e:
+                self._set_error(f"gripper failed: {type(e).__name__}: {e}")
+                return
+            self._stop_monitor.wait(0.05)
+
+    def recover(self) -> bool:
+        if self._robot is None:
+            return False
+        try:
+            ok = bool(self._robot.recover_from_errors())
+        except Exception as e:
+            log.error("%s: recovery failed: %s", self.name, e)
+            return False
+        if ok:
+            self._error = None
+        return ok

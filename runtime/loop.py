@@ -1,0 +1,311 @@
+"""The control loop: cameras -> inference worker -> executor -> safety -> arm, at a fixed rate.
+
+One thread (the caller's) runs the ticks; cameras capture in their own threads and the policy runs
+in an `InferenceWorker`. Every tick, in this order: read the arm state and the newest frames (never
+blocking), collect a finished chunk, run the watchdog, submit a new observation when due, step the
+executor and send its target. Any fault stops the arm in the same tick and ends the run; the arm is
+stopped and the worker joined on every exit path, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from bisect import bisect_left
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import IO, Callable, Optional, Sequence
+
+from molmoact_edge.hardware.arm import Arm, ArmError
+from molmoact_edge.hardware.camera import Camera
+from molmoact_edge.hardware.geometry import Pose
+
+from .clock import MonotonicClock
+from .executor import Executor, Fault, Watchdog, WatchdogConfig
+from .policy import Observation, PolicySpec
+from .runlog import RunLog, Status
+from .safety import GripperHysteresis, SafetyConfig, SafetyLayer
+from .worker import InferenceWorker, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    instruction: str = ""
+    rate_hz: float = 50.0
+    safety: SafetyConfig = SafetyConfig()
+    watchdog: WatchdogConfig = WatchdogConfig()
+    worker: WorkerConfig = WorkerConfig()
+    # Ask for the next chunk when the current plan has this little time left (seconds); a policy
+    # slower than its chunk should set it to its latency or more so that inference overlaps motion.
+    replan_when_remaining_s: float = 0.3
+    log_path: Optional[str] = None
+    status_interval_s: float = 1.0
+    max_duration_s: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if not (20.0 <= self.rate_hz <= 50.0):
+            raise ValueError(f"LoopConfig.rate_hz must be in [20, 50] Hz (franky interpolates at 1 kHz), got {self.rate_hz}")
+        if self.replan_when_remaining_s < 0:
+            raise ValueError(f"LoopConfig.replan_when_remaining_s must be >= 0, got {self.replan_when_remaining_s}")
+        if self.max_duration_s is not None and self.max_duration_s <= 0:
+            raise ValueError(f"LoopConfig.max_duration_s must be positive, got {self.max_duration_s}")
+
+
+@dataclass
+class RunResult:
+    reason: str  # "duration" | "until" | "stopped" | "fault" | "interrupted"
+    fault: Optional[Fault] = None
+    ticks: int = 0
+    commands: int = 0
+    chunks: int = 0
+    stop_latency_s: Optional[float] = None  # fault occurrence -> stop sent
+    interventions: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return {"fault": 2, "interrupted": 130}.get(self.reason, 0)
+
+
+class PoseHistory:
+    """Recent (host time, pose) samples, to anchor a chunk at the pose when its frame was taken."""
+
+    def __init__(self, seconds: float = 3.0) -> None:
+        self.seconds = seconds
+        self._t: deque[float] = deque()
+        self._p: deque[Pose] = deque()
+
+    def add(self, t: float, pose: Pose) -> None:
+        if self._t and t <= self._t[-1]:
+            return
+        self._t.append(t)
+        self._p.append(pose)
+        while self._t and self._t[0] < t - self.seconds:
+            self._t.popleft()
+            self._p.popleft()
+
+    def at(self, t: float) -> Optional[Pose]:
+        if not self._t:
+            return None
+        i = bisect_left(self._t, t)
+        if i == 0:
+            return self._p[0]
+        if i >= len(self._t):
+            return self._p[-1]
+        return self._p[i] if self._t[i] - t < t - self._t[i - 1] else self._p[i - 1]
+
+
+class ControlLoop:
+    def __init__(self, cameras: Sequence[Camera], arm: Arm, policy: PolicySpec, config: LoopConfig,
+                 clock=None, status_stream: Optional[IO[str]] = sys.stderr) -> None:
+        if not cameras:
+            raise ValueError("ControlLoop needs at least one camera")
+        self.cameras = list(cameras)
+        self.arm = arm
+        self.config = config
+        self.clock = clock or MonotonicClock()
+        self.period = 1.0 / config.rate_hz
+        self.safety = SafetyLayer(config.safety, self.period)
+        self.executor = Executor(self.safety, GripperHysteresis(config.safety.gripper_hysteresis))
+        self.watchdog = Watchdog(config.watchdog)
+        self.worker = InferenceWorker(policy, config.worker, clock=self.clock.now)
+        self.poses = PoseHistory()
+        self.runlog = RunLog(config.log_path)
+        self.status = Status(status_stream, config.status_interval_s)
+        self.stop_event = threading.Event()
+        self._obs_index = 0
+        self.tick_starts: list[float] = []  # for benchmarks/executor_jitter.py (capped)
+        self._last_submitted_frame: Optional[float] = None
+
+    # -- lifecycle
+    def __enter__(self) -> "ControlLoop":
+        self.worker.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.arm.stop()
+        self.worker.close()
+        self.runlog.close()
+
+    # -- the loop
+    def run(self, until: Optional[Callable[[], bool]] = None) -> RunResult:
+        clock, c = self.clock, self.config
+        start = clock.now()
+        self.runlog.write("start", start, rate_hz=c.rate_hz, instruction=c.instruction, arm=self.arm.name,
+                          cameras=[cam.name for cam in self.cameras], safety=asdict(c.safety),
+                          worker=c.worker.mode)
+        result = RunResult(reason="stopped")
+        next_tick = start
+        try:
+            while True:
+                now = clock.now()
+                if len(self.tick_starts) < 100_000:
+                    self.tick_starts.append(now)
+                fault = self._tick(now, start, result)
+                if fault is not None:
+                    self._stop(fault, result)
+                    break
+                result.ticks += 1
+                if self.stop_event.is_set():
+                    result.reason = "stopped"
+                    break
+                if until is not None and until():
+                    result.reason = "until"
+                    break
+                if c.max_duration_s is not None and now - start >= c.max_duration_s:
+                    result.reason = "duration"
+                    break
+                next_tick += self.period
+                behind = clock.now() - next_tick
+                if behind > 0:
+                    # Overrun: skip the missed ticks instead of bursting to catch up.
+                    missed = int(behind // self.period) + 1
+                    self.status.overruns += 1
+                    self.runlog.write("overrun", clock.now(), late_s=behind, skipped=missed - 1)
+                    next_tick += missed * self.period
+                fault = self._wait_until(next_tick, start)
+                if fault is not None:
+                    self._stop(fault, result)
+                    break
+        except KeyboardInterrupt:
+            now = clock.now()
+            self._stop(Fault("interrupted", "interrupted by the user (Ctrl-C)", now, now), result)
+            result.reason = "interrupted"
+        except BaseException as e:
+            now = clock.now()
+            self._stop(Fault("internal_error", f"control loop error: {type(e).__name__}: {e}", now, now), result)
+            raise
+        finally:
+            self.arm.stop()
+            result.commands = self.status.commands
+            result.chunks = self.status.chunks
+            result.interventions = dict(self.status.interventions)
+            self.runlog.write("end", clock.now(), reason=result.reason, ticks=result.ticks, commands=result.commands,
+                              chunks=result.chunks, interventions=result.interventions,
+                              fault=None if result.fault is None else result.fault.kind)
+        return result
+
+    def _stop(self, fault: Fault, result: RunResult) -> None:
+        confirmed = self.arm.stop()
+        sent = self.clock.now()
+        self.executor.clear()
+        result.reason = "fault" if fault.kind != "interrupted" else "interrupted"
+        result.fault = fault
+        result.stop_latency_s = sent - fault.occurred_at
+        log.error("STOP (%s): %s", fault.kind, fault.message)
+        self.runlog.write("stop", sent, fault=fault.kind, message=fault.message, occurred_at=fault.occurred_at,
+                          detected_at=fault.detected_at, latency_s=sent - fault.occurred_at, sent=confirmed)
+
+    def _frames_time(self) -> Optional[float]:
+        frames = [cam.latest() for cam in self.cameras]
+        return min(f.timestamp for f in frames) if all(f is not None for f in frames) else None
+
+    def _wait_until(self, deadline: float, start: float) -> Optional[Fault]:
+        """Sleep until the next tick, but handle inference news (a chunk, an error, a dead worker)
+        the moment it arrives, and wake when a stale frame or a hung inference is due, so that a
+        fault stops the arm without waiting for the next tick."""
+        clock = self.clock
+        while True:
+            now = clock.now()
+            due = self.watchdog.next_deadline(self._frames_time(), start, self.worker.busy_since)
+            if due <= now:
+                fault = self.watchdog.check(now, self._frames_time(), start, self.worker.busy_since,
+                                            None, None, None)
+                if fault is not None:
+                    return fault
+            remaining = deadline - now
+            if remaining <= 0.002:
+                clock.sleep_until(deadline)
+                return None
+            wait = remaining - 0.0015
+            if now < due < now + wait:
+                wait = due - now + 0.0002
+            if self.worker.news.wait(wait):
+                self.worker.news.clear()
+                now = clock.now()
+                err = self.worker.error
+                if err is not None:
+                    return self.watchdog.check(now, now, now, None, err, self.worker.error_at, None)
+                chunk = self.worker.poll()
+                if chunk is not None:
+                    self._handle_chunk(chunk, now, self.arm.state().pose)
+
+    def _handle_chunk(self, chunk, now: float, pose: Pose) -> None:
+        self.status.chunks += 1
+        self.status.latency_s = chunk.finished_at - chunk.observation_time
+        acc = self.executor.accept(chunk, now, pose)
+        self.runlog.write("chunk", now, observation=chunk.observation_index, observation_time=chunk.observation_time,
+                          finished_at=chunk.finished_at, actions=chunk.actions, accepted=acc.ok,
+                          dropped=acc.dropped, kept=acc.kept, schedule=acc.schedule, reason=acc.reason,
+                          info=chunk.info)
+        if not acc.ok:
+            # A broken chunk is refused whole and the arm holds still; the next chunk may be fine.
+            self.status.intervene("nonfinite_action")
+            confirmed = self.arm.stop()
+            sent = self.clock.now()
+            self.executor.clear()
+            log.error("STOP (nonfinite_action): %s; arm holds, waiting for the next chunk", acc.reason)
+            self.runlog.write("stop", sent, fault="nonfinite_action", message=acc.reason,
+                              occurred_at=chunk.finished_at, detected_at=now, latency_s=sent - chunk.finished_at,
+                              sent=confirmed)
+        else:
+            self.status.last_action = [float(v) for v in chunk.actions[0]]
+            if acc.dropped:
+                self.status.intervene("stale_prefix_dropped")
+
+    def _tick(self, now: float, start: float, result: RunResult) -> Optional[Fault]:
+        c = self.config
+        self.status.tick(now)
+        state = self.arm.state()
+        poll = getattr(self.arm, "poll", None)
+        if poll is not None:
+            poll()
+            state = self.arm.state()
+        self.poses.add(state.host_time, state.pose)
+        frames = [cam.latest() for cam in self.cameras]
+        complete = all(f is not None for f in frames)
+        oldest = min(f.timestamp for f in frames) if complete else None
+        chunk = self.worker.poll()
+        err = self.worker.error
+        fault = self.watchdog.check(now, oldest, start, self.worker.busy_since, err, self.worker.error_at, state.error)
+        if fault is not None:
+            return fault
+
+        if chunk is not None:
+            self._handle_chunk(chunk, now, state.pose)
+
+        if complete and not self.worker.busy and oldest != self._last_submitted_frame:
+            remaining = None if self.executor.plan_end is None else self.executor.plan_end - now
+            if remaining is None or remaining <= c.replan_when_remaining_s:
+                anchor = self.poses.at(oldest) or state.pose
+                obs = Observation(frames=tuple(frames), instruction=c.instruction, timestamp=oldest,
+                                  pose=anchor, index=self._obs_index)
+                if self.worker.submit(obs):
+                    self.runlog.write("observation", now, index=self._obs_index, timestamp=oldest,
+                                      frames=[[f.camera, f.index, f.timestamp] for f in frames], pose=anchor.to_dict())
+                    self._obs_index += 1
+                    self._last_submitted_frame = oldest
+
+        step = self.executor.step(now, state.pose)
+        for what in step.interventions:
+            self.status.intervene(what)
+        if step.refused:
+            return Fault("nonfinite_action", "the safety layer refused a non-finite target", now, now)
+        if step.target is not None:
+            try:
+                self.arm.move_to(step.target)
+            except ArmError as e:
+                return Fault("arm_error", str(e), now, now)
+            self.status.commands += 1
+            self.runlog.write("command", now, tick=result.ticks, target=step.target.to_dict(), desired=step.desired.to_dict(),
+                              waypoint=step.waypoint, interventions=step.interventions, pose=state.pose.to_dict())
+        if step.gripper is not None:
+            self.arm.set_gripper(step.gripper)
+            self.runlog.write("gripper", now, closed=step.gripper)
+        self.status.maybe_print(now, state.pose)
+        return None

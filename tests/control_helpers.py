@@ -1,0 +1,110 @@
+"""Shared helpers for the test_hw_* and test_control_* tests (imported explicitly, not a conftest)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from molmoact_edge.hardware.camera import Intrinsics
+
+INTR = Intrinsics(64, 48, 50.0, 50.0, 32.0, 24.0)
+
+
+def synthetic_frames(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.integers(0, 255, (INTR.height, INTR.width, 3), dtype=np.uint8),
+         rng.integers(0, 5000, (INTR.height, INTR.width), dtype=np.uint16))
+        for _ in range(n)
+    ]
+
+
+def write_folder(path: Path, n: int, fps: float = 30.0, seed: int = 0):
+    from molmoact_edge.hardware.recording import FolderWriter
+
+    frames = synthetic_frames(n, seed)
+    with FolderWriter(path, INTR) as w:
+        for i, (c, d) in enumerate(frames):
+            w.write(c, d, i / fps)
+    return frames
+
+
+def sim_available() -> bool:
+    try:
+        from molmoact_edge.hardware.sim import franky_sim_command
+
+        franky_sim_command()
+        import franky  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture
+def sim():
+    """A fresh franky-sim subprocess per test (about 2 s), on its own loopback address, killed after.
+
+    Fresh per test so that one test's end pose (or fault) never becomes the next one's start."""
+    if not sim_available():
+        pytest.skip("franky-sim / franky-control not installed: pip install molmoact-edge[robot,test]")
+    from molmoact_edge.hardware.sim import SimServer
+
+    server = SimServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def check_commands(records: list[dict], safety, period: float) -> dict:
+    """Independent audit of every commanded target in a run log against the workspace and step limits.
+
+    Recomputed from the raw log, not from the safety layer's own flags. Returns worst values.
+    """
+    lo, hi = np.asarray(safety.workspace_min), np.asarray(safety.workspace_max)
+    max_step = safety.max_speed_m_s * period
+    max_rot = safety.max_rot_speed_rad_s * period
+    from molmoact_edge.hardware.geometry import quat_angle
+
+    # pose_outside_m: how far the *measured* arm went outside the box (overshoot); reported, not a
+    # property of the commands.
+    worst = {"outside_m": 0.0, "step_m": 0.0, "step_rad": 0.0, "commands": 0, "pose_outside_m": 0.0}
+    prev = None
+    for r in records:
+        if r["kind"] == "stop":
+            prev = None  # after a stop the executor re-anchors at the measured pose
+            continue
+        if r["kind"] != "command":
+            continue
+        worst["commands"] += 1
+        p = np.asarray(r["target"]["p"])
+        q = np.asarray(r["target"]["q"])
+        assert np.all(np.isfinite(p)) and np.all(np.isfinite(q)), f"non-finite command {r}"
+        worst["outside_m"] = max(worst["outside_m"], float(np.max(np.maximum(lo - p, 0) + np.maximum(p - hi, 0))))
+        m = np.asarray(r["pose"]["p"])
+        worst["pose_outside_m"] = max(worst["pose_outside_m"], float(np.max(np.maximum(lo - m, 0) + np.maximum(m - hi, 0))))
+        ref_p = np.asarray(prev["p"] if prev is not None else r["pose"]["p"])
+        ref_q = np.asarray(prev["q"] if prev is not None else r["pose"]["q"])
+        if prev is not None or np.all((ref_p >= lo) & (ref_p <= hi)):
+            # (the first command after a start or stop may jump from a measured pose outside the box
+            # onto it: the box wins over the step limit)
+            worst["step_m"] = max(worst["step_m"], float(np.linalg.norm(p - ref_p)))
+        worst["step_rad"] = max(worst["step_rad"], quat_angle(ref_q, q))
+        prev = r["target"]
+    # 1e-5: the log rounds to 6 decimals
+    assert worst["outside_m"] <= 1e-5, f"a command left the workspace by {worst['outside_m']} m"
+    assert worst["step_m"] <= max_step + 1e-5, f"a command stepped {worst['step_m']} m > {max_step} m"
+    assert worst["step_rad"] <= max_rot + 1e-4, f"a command rotated {worst['step_rad']} rad > {max_rot} rad"
+    return worst
+
+
+def wait_for(pred, timeout: float = 5.0, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")

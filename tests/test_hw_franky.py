@@ -1,0 +1,96 @@
+"""The franky arm driver against franky-sim (a real libfranka server on loopback)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from control_helpers import sim, wait_for  # noqa: F401  (sim is a fixture)
+
+from molmoact_edge.hardware.arm import Arm, ArmError
+from molmoact_edge.hardware.deps import MissingDependencyError, require
+from molmoact_edge.hardware.geometry import Pose
+
+pytestmark = pytest.mark.sim
+
+
+def test_missing_sdk_names_the_extra():
+    with pytest.raises(MissingDependencyError, match=r"pip install molmoact-edge\[robot\]"):
+        require("franky_not_installed_anywhere", "franky-control")
+
+
+def test_unreachable_robot_fails_fast_naming_the_fix():
+    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
+    from molmoact_edge.hardware.sim import free_loopback_host
+
+    host = free_loopback_host()  # nothing listens there
+    t = time.monotonic()
+    with pytest.raises(ArmError, match="unreachable.*FCI is activated in Desk"):
+        FrankyArm(FrankyConfig(host, connect_timeout_s=1.0)).connect()
+    assert time.monotonic() - t < 5.0  # libfranka alone would keep trying for about a minute
+
+
+def test_config_validation_names_field():
+    from molmoact_edge.hardware.franky_arm import FrankyConfig
+
+    with pytest.raises(ValueError, match="dynamics_factor"):
+        FrankyConfig("127.0.0.1", dynamics_factor=2.0)
+    with pytest.raises(ValueError, match="host"):
+        FrankyConfig("")
+
+
+def test_pose_move_gripper_and_stop(sim):  # noqa: F811
+    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
+
+    with FrankyArm(FrankyConfig(sim.host, dynamics_factor=0.2)) as arm:
+        assert isinstance(arm, Arm)
+        s0 = arm.state()
+        assert s0.error is None and s0.robot_time_s is not None
+        # The sim starts gripper-down in front of the base.
+        assert 0.3 < s0.pose.position[0] < 0.8 and abs(s0.pose.position[1]) < 0.1
+        # Streaming: a second target replaces the first before it is reached.
+        arm.move_to(Pose(tuple(s0.pose.p + [0.0, 0.05, 0.0]), s0.pose.quaternion))
+        time.sleep(0.1)
+        goal = Pose(tuple(s0.pose.p + [0.03, 0.0, -0.02]), s0.pose.quaternion)
+        arm.move_to(goal)
+        wait_for(lambda: arm.state().pose.distance(goal)[0] < 1e-3, 10.0, "the arm to reach the replacing target")
+        assert arm.state().pose.distance(goal)[1] < 0.01
+        arm.set_gripper(True)
+        wait_for(lambda: (arm.state().gripper_width or 1.0) < 0.005, 10.0, "the gripper to close")
+        arm.set_gripper(False)
+        wait_for(lambda: (arm.state().gripper_width or 0.0) > 0.07, 10.0, "the gripper to open")
+        # stop() halts a running motion short of its target and leaves no error behind.
+        far = Pose(tuple(goal.p + [0.0, -0.1, 0.0]), goal.quaternion)
+        arm.move_to(far)
+        time.sleep(0.3)
+        arm.stop()
+        time.sleep(0.5)
+        arm.poll()
+        halted = arm.state()
+        assert halted.error is None
+        assert halted.pose.distance(far)[0] > 0.02
+        time.sleep(0.3)
+        assert arm.state().pose.distance(halted.pose)[0] < 2e-3  # holding, not drifting on
+        # Motions can be commanded again after a stop.
+        arm.move_to(goal)
+        wait_for(lambda: arm.state().pose.distance(goal)[0] < 1e-3, 10.0, "a motion after stop")
+
+
+@pytest.mark.hardware
+def test_live_franka_reads_state_and_holds():
+    """On a real arm (MOLMOACT_FRANKA_IP set, FCI enabled): connect, read the pose, stop. No motion."""
+    import os
+
+    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
+
+    host = os.environ.get("MOLMOACT_FRANKA_IP")
+    if not host:
+        pytest.skip("no physical Franka: set MOLMOACT_FRANKA_IP to the robot's FCI address to run this")
+    with FrankyArm(FrankyConfig(host, gripper=False)) as arm:
+        s = arm.state()
+        assert s.error is None, s.error
+        time.sleep(0.2)
+        assert arm.state().robot_time_s > s.robot_time_s
+        assert arm.stop()
