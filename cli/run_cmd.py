@@ -1,7 +1,8 @@
 """`molmoact-edge run`: close the loop between cameras, a policy and a Franka arm.
 
     molmoact-edge run --camera realsense[:SERIAL] | replay:PATH  (repeat for more cameras)
-                      --robot franka:IP | sim[:HOST] --instruction TEXT --policy scripted
+                      --robot franka:IP | sim[:HOST] --instruction TEXT
+                      --policy scripted | --policy molmoact --bundle BUNDLE [--unnorm-key KEY]
 
 `--robot sim` starts franky-sim (MuJoCo) for the run; `sim:HOST` uses one already running there.
 Robot-side only: nothing here imports torch.
@@ -33,7 +34,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--robot", required=True, metavar="SPEC", help="franka:IP | sim (start franky-sim) | sim:HOST (running franky-sim)")
     p.add_argument("--instruction", required=True, help="the task in words, e.g. 'put the cup in the sink'")
     p.add_argument("--policy", default="scripted", choices=["scripted", "molmoact"],
-                   help="scripted: move by --scripted-offset (bring-up without a model); molmoact: not wired yet")
+                   help="scripted: move by --scripted-offset (bring-up without a model); molmoact: the model, "
+                        "from --bundle")
+    p.add_argument("--bundle", default=None, help="MolmoAct bundle directory (molmoact-edge export) for --policy molmoact")
+    p.add_argument("--unnorm-key", default=None,
+                   help="dataset statistics and action convention of the bundle's checkpoint (e.g. bridge_orig)")
+    p.add_argument("--convention", default=None,
+                   help="use this action-convention preset instead of the unnorm key's own (runtime/convention.py)")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="MolmoAct token budget per step")
+    p.add_argument("--max-actions", type=int, default=8, help="most action lists per MolmoAct answer")
     p.add_argument("--rate", type=float, default=50.0, help="executor rate in Hz, 20-50 (default 50)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--log", default=None, help="JSONL run log (default runs/run-<time>.jsonl)")
@@ -49,6 +58,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gripper", action="store_true", help="the arm has no Franka Hand")
     p.add_argument("--record", default=None, metavar="PATH.db3", help="also record the (first) RealSense stream to this file")
     p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _check_molmoact(options: dict) -> None:
+    """Cheap checks of the MolmoAct options in the main process (the worker loads the bundle itself):
+    the bundle's manifest and config, the unnorm key and its action convention."""
+    from molmoact_edge.runtime.bundle import load_manifest
+    from molmoact_edge.runtime.config import ModelConfig
+    from molmoact_edge.runtime.convention import convention_for
+    from molmoact_edge.runtime.molmoact_policy import MolmoActConfig
+
+    cfg = MolmoActConfig(**options)
+    manifest = load_manifest(cfg.bundle, verify_hashes=False)
+    stats = ModelConfig.load(manifest.path)
+    key = cfg.unnorm_key
+    if key is None:
+        if len(stats.norm_stats) != 1:
+            raise ValueError(f"the bundle has norm_stats {sorted(stats.norm_stats)}; choose one with --unnorm-key")
+        key = next(iter(stats.norm_stats))
+    stats.action_stats(key)
+    convention_for(cfg.convention or key)
 
 
 def open_camera(spec: str, record: str | None = None):
@@ -96,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from molmoact_edge.hardware.deps import MissingDependencyError
     from molmoact_edge.runtime.executor import WatchdogConfig
     from molmoact_edge.runtime.loop import ControlLoop, LoopConfig
-    from molmoact_edge.runtime.policy import PolicySpec, PolicyUnavailable, ScriptedConfig, build_policy
+    from molmoact_edge.runtime.policy import PolicySpec, PolicyUnavailable, ScriptedConfig
     from molmoact_edge.runtime.safety import SafetyConfig
     from molmoact_edge.runtime.worker import WorkerConfig
 
@@ -107,16 +136,22 @@ def run(args: argparse.Namespace) -> int:
         if args.workspace:
             box = _floats(args.workspace, 6, "--workspace")
             safety_kw |= {"workspace_min": box[:3], "workspace_max": box[3:]}
-        spec = PolicySpec(kind=args.policy, scripted=ScriptedConfig(offset=_floats(args.scripted_offset, 3, "--scripted-offset")))
-        if spec.kind == "molmoact":
-            build_policy(spec)  # fails with the reason before any hardware is touched
+        options = {}
+        if args.policy == "molmoact":
+            if not args.bundle:
+                raise ValueError("--policy molmoact needs --bundle BUNDLE (create one with molmoact-edge export)")
+            options = {"bundle": args.bundle, "unnorm_key": args.unnorm_key, "convention": args.convention,
+                       "max_new_tokens": args.max_new_tokens, "max_actions": args.max_actions}
+            _check_molmoact(options)  # fails with the reason before any hardware is touched
+        spec = PolicySpec(kind=args.policy, scripted=ScriptedConfig(offset=_floats(args.scripted_offset, 3, "--scripted-offset")),
+                          options=options)
         config = LoopConfig(
             instruction=args.instruction, rate_hz=args.rate, safety=SafetyConfig(**safety_kw),
             watchdog=WatchdogConfig(frame_timeout_s=args.frame_timeout, action_timeout_s=args.action_timeout),
             worker=WorkerConfig(mode=args.worker), log_path=log_path, max_duration_s=args.duration,
         )
         cameras = [open_camera(s, args.record if i == 0 else None) for i, s in enumerate(args.camera)]
-    except (ValueError, argparse.ArgumentTypeError, PolicyUnavailable) as e:
+    except (ValueError, argparse.ArgumentTypeError, PolicyUnavailable) as e:  # ConfigError/BundleError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

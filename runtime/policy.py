@@ -5,9 +5,8 @@ boundary is plain data: an `Observation` (frames, instruction, the arm pose at o
 and an `ActionChunk` (N x 7 actions in the policy's `ActionConvention`). Policies are built from a
 picklable `PolicySpec` so that a worker process can construct its own copy.
 
-The MolmoAct policy (a decode loop over an exported bundle) plugs in here by implementing
-`predict()` and registering a kind in `build_policy`; until the decode loop exists `--policy
-molmoact` fails with a clear message.
+The MolmoAct policy (runtime/molmoact_policy.py: the decode loop over an exported bundle) is the
+"molmoact" kind; its options travel in `PolicySpec.options` as plain data.
 """
 
 from __future__ import annotations
@@ -213,11 +212,16 @@ class PolicyUnavailable(RuntimeError):
 
 def build_policy(spec: PolicySpec) -> Policy:
     if spec.kind == "molmoact":
-        raise PolicyUnavailable(
-            "the MolmoAct policy is not available yet: the bundle decode loop (molmoact_edge.runtime) has not "
-            "been wired into the control loop. Use --policy scripted for bring-up in the meantime."
-        )
-    policy: Policy = ScriptedPolicy(spec.scripted)
+        # Imported here: it brings the decode loop and onnxruntime, which scripted bring-up never needs.
+        from molmoact_edge.runtime.molmoact_policy import MolmoActConfig, MolmoActPolicy
+
+        try:
+            config = MolmoActConfig(**spec.options)
+        except TypeError as e:
+            raise PolicyUnavailable(f"bad MolmoAct policy options {sorted(spec.options)}: {e}") from None
+        policy: Policy = MolmoActPolicy(config)
+    else:
+        policy = ScriptedPolicy(spec.scripted)
     if spec.drill.kind != "none":
         policy = DrillPolicy(policy, spec.drill)
     return policy

@@ -99,7 +99,10 @@ def _process_main(spec, requests, conn, nice: int = 0) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if nice:
         os.nice(nice)
-    _serve(spec, requests, _PipeSender(conn), stop=lambda: False)
+    try:
+        _serve(spec, requests, _PipeSender(conn), stop=lambda: False)
+    except (BrokenPipeError, EOFError):
+        pass  # the parent closed its end (it stopped the run): nobody is waiting for this answer
 
 
 class InferenceWorker:

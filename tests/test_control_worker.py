@@ -69,8 +69,10 @@ def test_close_joins_a_hung_process_worker():
     assert not proc.is_alive()
 
 
-def test_molmoact_policy_is_refused_clearly():
-    with pytest.raises(PolicyUnavailable, match="not available yet"):
+def test_molmoact_policy_is_refused_clearly(tmp_path):
+    with pytest.raises(PolicyUnavailable, match="bad MolmoAct policy options"):
         build_policy(PolicySpec(kind="molmoact"))
+    with pytest.raises(ValueError, match="is not a directory; export one"):
+        build_policy(PolicySpec(kind="molmoact", options={"bundle": str(tmp_path / "nope")}))
     with pytest.raises(ValueError, match="PolicySpec.kind must be one of"):
         PolicySpec(kind="gpt")

@@ -1,0 +1,85 @@
+"""The MolmoAct policy: camera frames + instruction -> an action chunk, through a bundle.
+
+Each prediction runs one grammar-constrained step on the bundle (onnxruntime), so the answer is
+always parseable; the parsed, de-normalised actions are returned in the unnorm key's action
+convention. An answer the grammar could not finish within the token budget has no action: that is
+raised, and the control loop treats it like any policy error (the arm holds and the watchdog acts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from molmoact_edge.runtime.actions import ActionDecoder
+from molmoact_edge.runtime.bundle import open_bundle
+from molmoact_edge.runtime.convention import ActionConvention, convention_for
+from molmoact_edge.runtime.grammar import OutputGrammar
+from molmoact_edge.runtime.parser import parse_step
+from molmoact_edge.runtime.policy import Observation
+
+
+class NoActionError(RuntimeError):
+    """The model's answer held no action (token budget exhausted before the action lists)."""
+
+
+@dataclass(frozen=True)
+class MolmoActConfig:
+    """How to run MolmoAct as a policy. ``unnorm_key`` selects both the de-normalisation statistics
+    and the robot-side action convention; ``None`` is allowed when the bundle has one key."""
+
+    bundle: str
+    unnorm_key: str | None = None
+    template: str | None = None  # default: single view for one camera, multi view for several
+    max_new_tokens: int = 512  # official: 256 for one action, 512 for 8-action chunks
+    max_actions: int = 8
+    threads: int | None = None
+    verify_hashes: bool = True
+    # The robot-side action convention to use, by preset name (runtime/convention.py); default: the
+    # unnorm key's own preset. Needed for checkpoints whose dataset has no preset yet.
+    convention: str | None = None
+
+    def __post_init__(self):
+        if not Path(self.bundle).is_dir():
+            raise ValueError(f"MolmoActConfig.bundle: {self.bundle} is not a directory; export one with "
+                             "`molmoact-edge export --checkpoint CHECKPOINT --out BUNDLE`")
+        if self.max_new_tokens < 150:
+            raise ValueError(f"MolmoActConfig.max_new_tokens must be >= 150 to fit one answer, got {self.max_new_tokens}")
+        if not 1 <= self.max_actions <= 64:
+            raise ValueError(f"MolmoActConfig.max_actions must be in [1, 64], got {self.max_actions}")
+        if self.template not in (None, "single", "multi"):
+            raise ValueError(f"MolmoActConfig.template must be single, multi or None, got {self.template!r}")
+
+
+class MolmoActPolicy:
+    def __init__(self, config: MolmoActConfig):
+        self.config = config
+        self.pipe = open_bundle(config.bundle, verify_hashes=config.verify_hashes, threads=config.threads)
+        spec = self.pipe.spec
+        key = config.unnorm_key
+        if key is None:
+            keys = sorted(spec.config.norm_stats)
+            if len(keys) != 1:
+                raise ValueError(f"the bundle has norm_stats {keys}; choose one with --unnorm-key")
+            key = keys[0]
+        self.unnorm_key = key
+        self.decoder = ActionDecoder.from_checkpoint(spec.config, spec.tokenizer, key)
+        self.grammar = OutputGrammar.from_config(spec.config, spec.tokenizer, key, max_actions=config.max_actions)
+        self.convention: ActionConvention = convention_for(config.convention or key)
+        self.last_step = None
+
+    def predict(self, obs: Observation) -> np.ndarray:
+        images = [f.color for f in obs.frames]
+        out = self.pipe.step(images, obs.instruction, self.config.template, self.config.max_new_tokens,
+                             grammar=self.grammar)
+        self.last_step = out
+        parsed = parse_step(out.text, self.decoder)
+        if parsed.actions.shape[0] == 0:
+            raise NoActionError(f"MolmoAct produced no action in {len(out.result.token_ids)} tokens "
+                                f"({'; '.join(parsed.parse_errors)}); raise max_new_tokens")
+        return parsed.actions
+
+    def close(self) -> None:
+        self.pipe.close()
