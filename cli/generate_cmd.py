@@ -111,6 +111,7 @@ def result_dict(out) -> dict:
 
 
 def run(args) -> int:
+    from molmoact_edge.hardware.deps import MissingDependencyError
     from molmoact_edge.runtime.actions import ActionDecoder
     from molmoact_edge.runtime.config import ConfigError
     from molmoact_edge.runtime.grammar import GrammarError, OutputGrammar
@@ -143,7 +144,7 @@ def run(args) -> int:
                                                     max_actions=args.max_actions)
             out = pipe.step(images, args.instruction, args.template, args.max_new_tokens, grammar=grammar,
                             steer_trace=steer, on_event=on_event)
-    except (ConfigError, GrammarError, ValueError) as e:
+    except (ConfigError, GrammarError, ValueError, MissingDependencyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     parsed = parse_step(out.text, decoder)

@@ -70,13 +70,7 @@ def _check_molmoact(options: dict) -> None:
 
     cfg = MolmoActConfig(**options)
     manifest = load_manifest(cfg.bundle, verify_hashes=False)
-    stats = ModelConfig.load(manifest.path)
-    key = cfg.unnorm_key
-    if key is None:
-        if len(stats.norm_stats) != 1:
-            raise ValueError(f"the bundle has norm_stats {sorted(stats.norm_stats)}; choose one with --unnorm-key")
-        key = next(iter(stats.norm_stats))
-    stats.action_stats(key)
+    key = ModelConfig.load(manifest.path).resolve_unnorm_key(cfg.unnorm_key)
     convention_for(cfg.convention or key)
 
 

@@ -26,14 +26,7 @@ class VisionGraph(nn.Module):
 
     def forward(self, crops: torch.Tensor, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
         """float32 I/O whatever the weights' dtype, so callers never convert pixels or features."""
-        vb = self.backbone
-        feats = vb.vit_features(crops.to(vb.image_vit.patch_embedding.weight.dtype))
-        feats = feats.reshape(-1, feats.shape[-1])
-        valid = (pooled_patches_idx >= 0).to(feats.dtype)
-        to_pool = feats[pooled_patches_idx.clamp(min=0)] * valid[..., None]
-        query = to_pool.mean(dim=-2, keepdim=True)
-        pooled = vb.image_pooling_2d(query, to_pool)[:, 0]
-        return vb.image_projector(pooled).float()
+        return self.backbone.pooled_features(crops, pooled_patches_idx).float()
 
 
 class LlmGraph(nn.Module):

@@ -144,7 +144,8 @@ class VisionBackbone(nn.Module):
         outs = self.image_vit(crops)
         return torch.cat([outs[i] for i in self.feature_layers], dim=-1)
 
-    def forward(self, crops: torch.Tensor, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
+    def pooled_features(self, crops: torch.Tensor, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
+        """One projected row per pooling group, including groups without any valid patch."""
         feats = self.vit_features(crops.to(self.image_vit.patch_embedding.weight.dtype))
         feats = feats.reshape(-1, feats.shape[-1])
         valid = pooled_patches_idx >= 0
@@ -153,8 +154,11 @@ class VisionBackbone(nn.Module):
         to_pool = feats[pooled_patches_idx.clamp(min=0)] * valid[..., None].to(feats.dtype)
         query = to_pool.mean(dim=-2, keepdim=True)
         pooled = self.image_pooling_2d(query, to_pool)[:, 0]
-        projected = self.image_projector(pooled)
-        return projected[valid.any(dim=-1)]
+        return self.image_projector(pooled)
+
+    def forward(self, crops: torch.Tensor, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
+        """Rows only for the groups with a valid patch: one per ``<im_patch>`` token."""
+        return self.pooled_features(crops, pooled_patches_idx)[(pooled_patches_idx >= 0).any(dim=-1)]
 
 
 class RMSNorm(nn.Module):

@@ -45,9 +45,10 @@ class ActionDecoder:
                         denormalize: bool = True) -> "ActionDecoder":
         """``unnorm_key`` picks the dataset statistics; an unknown key raises ConfigError listing the
         available ones. ``denormalize=False`` keeps normalised values (no key needed)."""
-        stats = config.action_stats(unnorm_key) if denormalize else None
-        if denormalize and unnorm_key is None:
-            unnorm_key = next(iter(config.norm_stats))
+        stats = None
+        if denormalize:
+            unnorm_key = config.resolve_unnorm_key(unnorm_key)
+            stats = config.norm_stats[unnorm_key]
         vocab = tokenizer.rust.get_vocab(with_added_tokens=False)
         return cls(base_vocab=vocab, base_vocab_size=tokenizer.special.base_vocab_size,
                    n_action_bins=config.n_action_bins, stats=stats, unnorm_key=unnorm_key)

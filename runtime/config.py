@@ -259,6 +259,12 @@ class ModelConfig:
         """The checkpoint stores (and we run) only the blocks up to the deepest feature layer."""
         return max(self.vit_layer_indices) + 1
 
+    def resolve_unnorm_key(self, unnorm_key: str | None) -> str:
+        """The norm_stats key to use: ``unnorm_key`` if the checkpoint has it, else the only key;
+        errors (as :meth:`action_stats`) list the available keys."""
+        self.action_stats(unnorm_key)
+        return unnorm_key if unnorm_key is not None else next(iter(self.norm_stats))
+
     def action_stats(self, unnorm_key: str | None) -> ActionStats:
         if not self.norm_stats:
             raise ConfigError("this checkpoint has no norm_stats; actions cannot be de-normalised")

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from molmoact_edge.runtime.backend import Backend
+from molmoact_edge.runtime.constrain import greedy_pick
 from molmoact_edge.runtime.prompt import ModelInputs
 
 
@@ -32,10 +33,6 @@ class GenerationResult:
     def tokens_per_s(self) -> float:
         t = self.timings_ms.get("decode", 0.0)
         return len(self.token_ids) / (t / 1000.0) if t > 0 else float("nan")
-
-
-def _argmax(row: np.ndarray) -> int:
-    return int(np.argmax(row))
 
 
 def generate(backend: Backend, inputs: ModelInputs, eos_id: int, max_new_tokens: int,
@@ -81,11 +78,7 @@ def generate(backend: Backend, inputs: ModelInputs, eos_id: int, max_new_tokens:
             forced_total += len(span)
             new = span
         else:
-            row = logits
-            if grammar_state is not None:
-                mask = grammar_state.allowed_mask()[: row.shape[0]]
-                row = np.where(mask, row, -np.inf)
-            new = [_argmax(row)]
+            new = [greedy_pick(logits, grammar_state)]
         for tok in new:
             accept(tok)
         if out[-1] == eos_id:

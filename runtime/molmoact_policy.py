@@ -58,12 +58,7 @@ class MolmoActPolicy:
         self.config = config
         self.pipe = open_bundle(config.bundle, verify_hashes=config.verify_hashes, threads=config.threads)
         spec = self.pipe.spec
-        key = config.unnorm_key
-        if key is None:
-            keys = sorted(spec.config.norm_stats)
-            if len(keys) != 1:
-                raise ValueError(f"the bundle has norm_stats {keys}; choose one with --unnorm-key")
-            key = keys[0]
+        key = spec.config.resolve_unnorm_key(config.unnorm_key)
         self.unnorm_key = key
         self.decoder = ActionDecoder.from_checkpoint(spec.config, spec.tokenizer, key)
         self.grammar = OutputGrammar.from_config(spec.config, spec.tokenizer, key, max_actions=config.max_actions)

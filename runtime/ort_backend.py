@@ -14,20 +14,12 @@ import time
 
 import numpy as np
 
+from molmoact_edge.hardware.deps import require
 from molmoact_edge.runtime.bundle import BundleError, Manifest, check_signature
 from molmoact_edge.runtime.config import ModelConfig
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(bfloat16)": "bfloat16", "tensor(int32)": "int32"}
-
-
-def _import_ort():
-    try:
-        import onnxruntime
-    except ImportError as e:
-        raise BundleError("the onnxruntime backend needs onnxruntime: pip install 'molmoact-edge[robot]' "
-                          "(or onnxruntime-gpu on a CUDA machine)") from e
-    return onnxruntime
 
 
 def _io(items):
@@ -39,7 +31,7 @@ class OrtBackend:
 
     def __init__(self, manifest: Manifest, config: ModelConfig, providers: list[str] | None = None,
                  threads: int | None = None):
-        ort = _import_ort()
+        ort = require("onnxruntime", "onnxruntime")  # onnxruntime-gpu provides it too
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
