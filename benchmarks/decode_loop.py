@@ -20,23 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from molmoact_edge.export.checkpoint import load_model
 from molmoact_edge.export.model import MolmoAct
 from molmoact_edge.export.onnx_export import export_bundle
-from molmoact_edge.export.tiny import write_checkpoint
+from molmoact_edge.export.tiny import synthetic_scene, write_checkpoint
 from molmoact_edge.export.torch_backend import TorchBackend
-from molmoact_edge.runtime.bundle import open_bundle
-from molmoact_edge.runtime.generate import generate
-from molmoact_edge.runtime.pipeline import ModelSpec
+from molmoact_edge.runtime.engine.generate import generate
+from molmoact_edge.runtime.engine.pipeline import ModelSpec, open_bundle
 
 INSTRUCTION = "put the red block in the blue bowl"
 NEVER = -1  # an EOS id that never matches: every engine emits exactly the requested tokens
 
 
 def scene_256() -> np.ndarray:
-    from molmoact_edge.demo_cmd import synthetic_scene
-
     return synthetic_scene(256, 256)
 
 
@@ -190,7 +186,7 @@ def run(workdir: str | Path, new_tokens: int = 220, size: str = "bench", seed: i
 def _grammar_share(spec: ModelSpec, backend, inputs) -> dict | str:
     """Forwards per emitted token when the output grammar appends forced spans in one forward."""
     try:
-        from molmoact_edge.runtime.grammar import OutputGrammar
+        from molmoact_edge.runtime.engine.grammar import OutputGrammar
     except ImportError:
         return "output grammar not available in this build"
     stats = next(iter(spec.config.norm_stats.values()))

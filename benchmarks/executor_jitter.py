@@ -39,10 +39,10 @@ def measure(host: str, frames: Path, mode: str, think: str, seconds: float, rate
             nice: int = 10) -> dict:
     from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
     from molmoact_edge.hardware.replay import ReplayConfig, open_replay
-    from molmoact_edge.runtime.loop import ControlLoop, LoopConfig
-    from molmoact_edge.runtime.policy import PolicySpec, ScriptedConfig
-    from molmoact_edge.runtime.safety import SafetyConfig
-    from molmoact_edge.runtime.worker import WorkerConfig
+    from molmoact_edge.runtime.control.loop import ControlLoop, LoopConfig
+    from molmoact_edge.runtime.control.policy import PolicySpec, ScriptedConfig
+    from molmoact_edge.runtime.control.safety import SafetyConfig
+    from molmoact_edge.runtime.control.worker import WorkerConfig
 
     # A small back-and-forth motion so that targets stream the whole time.
     spec = PolicySpec(scripted=ScriptedConfig(offset=(0.0, 0.0, 0.0), think_s=think_s if think != "none" else 0.0,

@@ -29,12 +29,16 @@ def run_once(kind: str, frames: Path, rate: float) -> float:
     from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
     from molmoact_edge.hardware.replay import ReplayConfig, open_replay
     from molmoact_edge.hardware.sim import SimServer
-    from molmoact_edge.runtime.executor import WatchdogConfig
-    from molmoact_edge.runtime.loop import ControlLoop, LoopConfig
-    from molmoact_edge.runtime.policy import FaultDrill, PolicySpec, ScriptedConfig
-    from molmoact_edge.runtime.runlog import read_log
-    from molmoact_edge.runtime.safety import SafetyConfig
-    from molmoact_edge.runtime.worker import WorkerConfig
+    from molmoact_edge.runtime.control.executor import WatchdogConfig
+    from molmoact_edge.runtime.control.loop import ControlLoop, LoopConfig
+    from molmoact_edge.runtime.control.policy import (
+        FaultDrill,
+        PolicySpec,
+        ScriptedConfig,
+    )
+    from molmoact_edge.runtime.control.runlog import read_log
+    from molmoact_edge.runtime.control.safety import SafetyConfig
+    from molmoact_edge.runtime.control.worker import WorkerConfig
 
     drill = {"policy_error": FaultDrill("raise", 1), "no_actions": FaultDrill("hang", 1),
              "nonfinite_action": FaultDrill("nan", 1)}.get(kind, FaultDrill())

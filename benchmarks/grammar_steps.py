@@ -15,11 +15,10 @@ import time
 from collections import Counter
 
 import numpy as np
-
-from molmoact_edge.runtime.config import ModelConfig
-from molmoact_edge.runtime.constrain import greedy_pick, mask_logits
-from molmoact_edge.runtime.grammar import OutputGrammar
-from molmoact_edge.runtime.tokenizer import Tokenizer
+from molmoact_edge.runtime.engine.config import ModelConfig
+from molmoact_edge.runtime.engine.constrain import greedy_pick, mask_logits
+from molmoact_edge.runtime.engine.grammar import OutputGrammar
+from molmoact_edge.runtime.engine.tokenizer import Tokenizer
 
 GLUE = ("The depth map of the first image is ", ". The trajectory of the end effector in the first image is",
         ". Based on these information, along with other images from different camera views as additional "

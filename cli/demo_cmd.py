@@ -14,8 +14,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="where to write the demo checkpoint (default: a temp dir)")
@@ -26,27 +24,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def synthetic_scene(height: int = 480, width: int = 640) -> np.ndarray:
-    """A table-top stand-in: shaded background, a red block, a blue bowl, a gripper-ish bar."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.stack([90 + 60 * x / width, 80 + 50 * y / height, np.full_like(x, 70)], axis=-1)
-    img[int(0.55 * height):int(0.70 * height), int(0.20 * width):int(0.32 * width)] = (200, 30, 30)
-    bowl = (x - 0.68 * width) ** 2 + (y - 0.62 * height) ** 2 < (0.09 * width) ** 2
-    img[bowl] = (40, 60, 200)
-    img[int(0.10 * height):int(0.35 * height), int(0.47 * width):int(0.53 * width)] = (180, 180, 180)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
 def run(args) -> int:
-    from PIL import Image
-
     from molmoact_edge.export.onnx_export import export_bundle
-    from molmoact_edge.export.tiny import write_checkpoint
+    from molmoact_edge.export.tiny import synthetic_scene, write_checkpoint
     from molmoact_edge.generate_cmd import event_dict, parsed_dict, result_dict
-    from molmoact_edge.runtime.actions import ActionDecoder
-    from molmoact_edge.runtime.bundle import open_bundle
-    from molmoact_edge.runtime.grammar import OutputGrammar
-    from molmoact_edge.runtime.parser import parse_step, trace_to_pixels
+    from molmoact_edge.runtime.engine.actions import ActionDecoder
+    from molmoact_edge.runtime.engine.grammar import OutputGrammar
+    from molmoact_edge.runtime.engine.parser import parse_step, trace_to_pixels
+    from molmoact_edge.runtime.engine.pipeline import open_bundle
+    from PIL import Image
 
     say = (lambda *a: None) if args.json else print
     root = args.out or Path(tempfile.mkdtemp(prefix="molmoact-demo-"))

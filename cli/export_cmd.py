@@ -24,7 +24,7 @@ def run(args) -> int:
         return 2
     from molmoact_edge.export.checkpoint import CheckpointError
     from molmoact_edge.export.onnx_export import export_bundle
-    from molmoact_edge.runtime.config import ConfigError
+    from molmoact_edge.runtime.engine.config import ConfigError
 
     try:
         out = export_bundle(args.checkpoint, args.out, args.dtype, args.opset, args.force)

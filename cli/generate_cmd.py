@@ -53,7 +53,7 @@ def _load_images(paths):
 
 def open_pipeline(args):
     """The pipeline for --checkpoint (torch reference) or --bundle (deployed engine)."""
-    from molmoact_edge.runtime.pipeline import ModelSpec, Pipeline
+    from molmoact_edge.runtime.engine.pipeline import ModelSpec, Pipeline
 
     if args.checkpoint is not None:
         if args.backend not in (None, "torch"):
@@ -68,13 +68,18 @@ def open_pipeline(args):
         spec = ModelSpec.load(args.checkpoint)
         model = load_model(args.checkpoint, parse_dtype(args.dtype), args.device)
         return Pipeline(spec, TorchBackend(model, args.device))
-    from molmoact_edge.runtime.bundle import open_bundle
+    from molmoact_edge.runtime.engine.pipeline import open_bundle
 
     return open_bundle(args.bundle, backend=args.backend or "onnxruntime")
 
 
 def event_dict(t_ms: float, ev) -> dict:
-    from molmoact_edge.runtime.events import ActionComplete, DepthComplete, Finished, TraceComplete
+    from molmoact_edge.runtime.engine.events import (
+        ActionComplete,
+        DepthComplete,
+        Finished,
+        TraceComplete,
+    )
 
     d = {"t_ms": round(t_ms, 3)}
     if isinstance(ev, DepthComplete):
@@ -111,11 +116,11 @@ def result_dict(out) -> dict:
 
 
 def run(args) -> int:
-    from molmoact_edge.hardware.deps import MissingDependencyError
-    from molmoact_edge.runtime.actions import ActionDecoder
-    from molmoact_edge.runtime.config import ConfigError
-    from molmoact_edge.runtime.grammar import GrammarError, OutputGrammar
-    from molmoact_edge.runtime.parser import parse_step
+    from molmoact_edge.runtime.engine.actions import ActionDecoder
+    from molmoact_edge.runtime.engine.config import ConfigError
+    from molmoact_edge.runtime.engine.deps import BackendUnavailable
+    from molmoact_edge.runtime.engine.grammar import GrammarError, OutputGrammar
+    from molmoact_edge.runtime.engine.parser import parse_step
 
     if args.max_new_tokens < 1:
         raise SystemExit("error: --max-new-tokens must be >= 1")
@@ -144,7 +149,7 @@ def run(args) -> int:
                                                     max_actions=args.max_actions)
             out = pipe.step(images, args.instruction, args.template, args.max_new_tokens, grammar=grammar,
                             steer_trace=steer, on_event=on_event)
-    except (ConfigError, GrammarError, ValueError, MissingDependencyError) as e:
+    except (ConfigError, GrammarError, ValueError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     parsed = parse_step(out.text, decoder)

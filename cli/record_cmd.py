@@ -22,9 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from molmoact_edge.hardware.camera import CameraError
     from molmoact_edge.hardware.deps import MissingDependencyError
+    from molmoact_edge.hardware.devices import open_camera
     from molmoact_edge.hardware.recording import record
-
-    from .run_cmd import open_camera
 
     try:
         if args.list:

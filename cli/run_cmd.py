@@ -11,7 +11,6 @@ Robot-side only: nothing here imports torch.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 import time
@@ -40,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unnorm-key", default=None,
                    help="dataset statistics and action convention of the bundle's checkpoint (e.g. bridge_orig)")
     p.add_argument("--convention", default=None,
-                   help="use this action-convention preset instead of the unnorm key's own (runtime/convention.py)")
+                   help="use this action-convention preset instead of the unnorm key's own (runtime/control/convention.py)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="MolmoAct token budget per step")
     p.add_argument("--max-actions", type=int, default=8, help="most action lists per MolmoAct answer")
     p.add_argument("--rate", type=float, default=50.0, help="executor rate in Hz, 20-50 (default 50)")
@@ -63,9 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check_molmoact(options: dict) -> None:
     """Cheap checks of the MolmoAct options in the main process (the worker loads the bundle itself):
     the bundle's manifest and config, the unnorm key and its action convention."""
-    from molmoact_edge.runtime.bundle import load_manifest
-    from molmoact_edge.runtime.config import ModelConfig
-    from molmoact_edge.runtime.convention import convention_for
+    from molmoact_edge.runtime.control.convention import convention_for
+    from molmoact_edge.runtime.engine.bundle import load_manifest
+    from molmoact_edge.runtime.engine.config import ModelConfig
     from molmoact_edge.runtime.molmoact_policy import MolmoActConfig
 
     cfg = MolmoActConfig(**options)
@@ -74,54 +73,20 @@ def _check_molmoact(options: dict) -> None:
     convention_for(cfg.convention or key)
 
 
-def open_camera(spec: str, record: str | None = None):
-    from molmoact_edge.hardware.realsense import RealSenseCamera, RealSenseConfig
-    from molmoact_edge.hardware.replay import ReplayConfig, open_replay
-
-    kind, _, arg = spec.partition(":")
-    if kind == "realsense":
-        return RealSenseCamera(RealSenseConfig(serial=arg or None, record_to=record))
-    if kind == "replay":
-        if not arg:
-            raise ValueError("--camera replay:PATH needs a path (a .db3 recording or an image folder)")
-        return open_replay(ReplayConfig(arg))
-    raise ValueError(f"--camera {spec!r}: expected realsense, realsense:SERIAL or replay:PATH")
-
-
-@contextlib.contextmanager
-def open_robot(spec: str, dynamics: float, gripper: bool):
-    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
-
-    kind, _, arg = spec.partition(":")
-    if kind == "franka":
-        if not arg:
-            raise ValueError("--robot franka:IP needs the robot's FCI address, e.g. franka:172.16.0.2")
-        with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper)) as arm:
-            yield arm
-    elif kind == "sim":
-        if arg:
-            with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper)) as arm:
-                yield arm
-        else:
-            from molmoact_edge.hardware.sim import SimServer
-
-            with SimServer() as sim:
-                print(f"franky-sim running on {sim.host}", file=sys.stderr)
-                with FrankyArm(FrankyConfig(sim.host, dynamics_factor=dynamics, gripper=gripper)) as arm:
-                    yield arm
-    else:
-        raise ValueError(f"--robot {spec!r}: expected franka:IP, sim or sim:HOST")
-
-
 def run(args: argparse.Namespace) -> int:
     from molmoact_edge.hardware.arm import ArmError
     from molmoact_edge.hardware.camera import CameraError, CameraSet
     from molmoact_edge.hardware.deps import MissingDependencyError
-    from molmoact_edge.runtime.executor import WatchdogConfig
-    from molmoact_edge.runtime.loop import ControlLoop, LoopConfig
-    from molmoact_edge.runtime.policy import PolicySpec, PolicyUnavailable, ScriptedConfig
-    from molmoact_edge.runtime.safety import SafetyConfig
-    from molmoact_edge.runtime.worker import WorkerConfig
+    from molmoact_edge.hardware.devices import open_camera, open_robot
+    from molmoact_edge.runtime.control.executor import WatchdogConfig
+    from molmoact_edge.runtime.control.loop import ControlLoop, LoopConfig
+    from molmoact_edge.runtime.control.policy import (
+        PolicySpec,
+        PolicyUnavailable,
+        ScriptedConfig,
+    )
+    from molmoact_edge.runtime.control.safety import SafetyConfig
+    from molmoact_edge.runtime.control.worker import WorkerConfig
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log_path = args.log or str(Path("runs") / time.strftime("run-%Y%m%d-%H%M%S.jsonl"))

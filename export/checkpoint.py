@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from molmoact_edge.export.model import MolmoAct
-from molmoact_edge.runtime.config import ConfigError, ModelConfig
+from molmoact_edge.runtime.engine.config import ConfigError, ModelConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -31,7 +30,7 @@ class WeightFiles:
     key_to_file: dict[str, Path]
 
     @classmethod
-    def find(cls, checkpoint_dir: str | Path) -> "WeightFiles":
+    def find(cls, checkpoint_dir: str | Path) -> WeightFiles:
         from safetensors import safe_open
 
         d = Path(checkpoint_dir)

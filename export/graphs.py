@@ -14,9 +14,8 @@ the rows listed in ``logits_index`` (a 950-token prefill needs one row, not 950 
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from molmoact_edge.export.model import MolmoAct, rope_tables
+from torch import nn
 
 
 class VisionGraph(nn.Module):

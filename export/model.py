@@ -12,13 +12,15 @@ same forward call.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+from molmoact_edge.runtime.engine.config import (
+    AdapterConfig,
+    LlmConfig,
+    ModelConfig,
+    VitConfig,
+)
 from torch import nn
-
-from molmoact_edge.runtime.config import AdapterConfig, LlmConfig, ModelConfig, VitConfig
 
 CAUSAL = "causal"  # attention-mask marker: square causal mask, computed by the kernel itself
 

@@ -1,6 +1,6 @@
 """Export a checkpoint to a bundle: ONNX graphs (vision, LLM with KV cache), the input embedding
 table for a host-side lookup, the tokenizer and configs, and a manifest that describes and hashes
-all of it (see runtime/bundle.py for what the loader checks).
+all of it (see runtime/engine/bundle.py for what the loader checks).
 
 The graphs are exported with the torch.onnx dynamo exporter at opset 18: the portable baseline
 (TensorRT 10.3 on JetPack 6 cannot parse opset-23 ``Attention``).
@@ -21,11 +21,16 @@ from typing import Callable
 
 import numpy as np
 import torch
-
 from molmoact_edge.export.checkpoint import WeightFiles, load_model
 from molmoact_edge.export.graphs import LlmGraph, VisionGraph
 from molmoact_edge.export.model import MolmoAct
-from molmoact_edge.runtime.bundle import FORMAT, FORMAT_VERSION, KV_LAYOUT, MANIFEST, sha256_file
+from molmoact_edge.runtime.engine.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    KV_LAYOUT,
+    MANIFEST,
+    sha256_file,
+)
 
 COPIED_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
                 "tokenizer_config.json", "generation_config.json")
@@ -121,11 +126,11 @@ def _quiet_exporter():
 
 
 def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
     import onnx
 
-    from molmoact_edge import __version__
-
-    v = {"molmoact_edge": __version__, "torch": torch.__version__, "onnx": onnx.__version__}
+    v = {"molmoact_edge": version("molmoact-edge"), "torch": torch.__version__, "onnx": onnx.__version__}
     try:
         import onnxscript
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
-
 from molmoact_edge.export.model import MolmoAct
-from molmoact_edge.runtime.config import ModelConfig
+from molmoact_edge.runtime.engine.config import ModelConfig
 
 TOKENIZER_ASSET = "qwen2-molmoact-tokenizer.json.xz"
 EOS = "<|endoftext|>"
@@ -177,3 +177,14 @@ def write_checkpoint(out_dir: str | Path, size: TinySize | str = "tiny", seed: i
     (d / "tokenizer.json").write_text(tokenizer_json_text())
     save_file(random_state_dict(cfg, seed, dtype), str(d / "model.safetensors"), metadata={"format": "pt"})
     return d
+
+
+def synthetic_scene(height: int = 480, width: int = 640) -> np.ndarray:
+    """A table-top stand-in: shaded background, a red block, a blue bowl, a gripper-ish bar."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([90 + 60 * x / width, 80 + 50 * y / height, np.full_like(x, 70)], axis=-1)
+    img[int(0.55 * height):int(0.70 * height), int(0.20 * width):int(0.32 * width)] = (200, 30, 30)
+    bowl = (x - 0.68 * width) ** 2 + (y - 0.62 * height) ** 2 < (0.09 * width) ** 2
+    img[bowl] = (40, 60, 200)
+    img[int(0.10 * height):int(0.35 * height), int(0.47 * width):int(0.53 * width)] = (180, 180, 180)
+    return np.clip(img, 0, 255).astype(np.uint8)

@@ -1,11 +1,10 @@
 """The torch reference as a runtime backend, so that the reference and the deployed engines run
-the very same decode loop (runtime/generate.py)."""
+the very same decode loop (runtime/engine/generate.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
 from molmoact_edge.export.model import MolmoAct
 
 

@@ -9,7 +9,7 @@ never sees the 1 kHz loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from .geometry import Pose
 
@@ -29,20 +29,20 @@ class ArmState:
 
     pose: Pose
     host_time: float
-    robot_time_s: Optional[float] = None
-    error: Optional[str] = None
-    gripper_width: Optional[float] = None
+    robot_time_s: float | None = None
+    error: str | None = None
+    gripper_width: float | None = None
 
 
 @runtime_checkable
 class Arm(Protocol):
     name: str
 
-    def connect(self) -> "Arm": ...
+    def connect(self) -> Arm: ...
 
     def close(self) -> None: ...
 
-    def __enter__(self) -> "Arm": ...
+    def __enter__(self) -> Arm: ...
 
     def __exit__(self, *exc) -> None: ...
 

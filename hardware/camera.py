@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class Intrinsics:
             raise ValueError(f"Intrinsics.fx/fy must be positive, got fx={self.fx}, fy={self.fy}")
 
     @classmethod
-    def default_for(cls, width: int, height: int) -> "Intrinsics":
+    def default_for(cls, width: int, height: int) -> Intrinsics:
         """A 60-degree horizontal field of view, for image folders that ship no intrinsics."""
         f = width / (2 * np.tan(np.radians(30)))
         return cls(width, height, float(f), float(f), width / 2, height / 2)
@@ -64,12 +64,12 @@ class Frame:
     """
 
     color: np.ndarray
-    depth: Optional[np.ndarray]
+    depth: np.ndarray | None
     timestamp: float
     index: int
     intrinsics: Intrinsics
     depth_scale: float = 0.001
-    device_timestamp_ms: Optional[float] = None
+    device_timestamp_ms: float | None = None
     camera: str = ""
 
     def __post_init__(self) -> None:
@@ -78,7 +78,7 @@ class Frame:
         if self.depth is not None and self.depth.shape != self.color.shape[:2]:
             raise ValueError(f"Frame.depth {self.depth.shape} must match colour {self.color.shape[:2]} (aligned)")
 
-    def depth_m(self) -> Optional[np.ndarray]:
+    def depth_m(self) -> np.ndarray | None:
         return None if self.depth is None else self.depth.astype(np.float32) * self.depth_scale
 
 
@@ -86,15 +86,15 @@ class Frame:
 class Camera(Protocol):
     name: str
 
-    def connect(self) -> "Camera": ...
+    def connect(self) -> Camera: ...
 
     def close(self) -> None: ...
 
-    def __enter__(self) -> "Camera": ...
+    def __enter__(self) -> Camera: ...
 
     def __exit__(self, *exc) -> None: ...
 
-    def latest(self) -> Optional[Frame]:
+    def latest(self) -> Frame | None:
         """The most recent frame, or None before the first one; never blocks."""
         ...
 
@@ -104,8 +104,8 @@ class Camera(Protocol):
 
 @dataclass
 class _Slot:
-    frame: Optional[Frame] = None
-    error: Optional[BaseException] = None
+    frame: Frame | None = None
+    error: BaseException | None = None
     frames: int = 0
 
 
@@ -122,8 +122,8 @@ class ThreadedCamera:
         self._slot = _Slot()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._intrinsics: Optional[Intrinsics] = None
+        self._thread: threading.Thread | None = None
+        self._intrinsics: Intrinsics | None = None
         self.finished = threading.Event()
         self._subscribers: list[Callable[[Frame], None]] = []
 
@@ -138,7 +138,7 @@ class ThreadedCamera:
         pass
 
     # -- lifecycle
-    def connect(self) -> "ThreadedCamera":
+    def connect(self) -> ThreadedCamera:
         if self._thread is not None:
             return self
         self._intrinsics = self._open()
@@ -156,7 +156,7 @@ class ThreadedCamera:
             self._thread = None
         self._release()
 
-    def __enter__(self) -> "ThreadedCamera":
+    def __enter__(self) -> ThreadedCamera:
         return self.connect()
 
     def __exit__(self, *exc) -> None:
@@ -169,7 +169,7 @@ class ThreadedCamera:
         return self._intrinsics
 
     @property
-    def error(self) -> Optional[BaseException]:
+    def error(self) -> BaseException | None:
         return self._slot.error
 
     @property
@@ -184,7 +184,7 @@ class ThreadedCamera:
         if callback in self._subscribers:
             self._subscribers.remove(callback)
 
-    def latest(self) -> Optional[Frame]:
+    def latest(self) -> Frame | None:
         with self._lock:
             return self._slot.frame
 
@@ -236,7 +236,7 @@ class CameraSet:
 
     cameras: list = field(default_factory=list)
 
-    def __enter__(self) -> "CameraSet":
+    def __enter__(self) -> CameraSet:
         opened = []
         try:
             for c in self.cameras:

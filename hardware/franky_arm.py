@@ -20,7 +20,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -92,25 +91,25 @@ class FrankyArm:
         self._robot = None
         self._gripper = None
         self._lock = threading.Lock()
-        self._state: Optional[ArmState] = None
-        self._error: Optional[str] = None
-        self._last_robot_time: Optional[float] = None
+        self._state: ArmState | None = None
+        self._error: str | None = None
+        self._last_robot_time: float | None = None
         self._last_advance: float = 0.0
-        self._monitor: Optional[threading.Thread] = None
+        self._monitor: threading.Thread | None = None
         self._stop_monitor = threading.Event()
         self._stopping = False
-        self._gripper_width: Optional[float] = None
-        self._gripper_wanted: Optional[bool] = None
-        self._gripper_thread: Optional[threading.Thread] = None
+        self._gripper_width: float | None = None
+        self._gripper_wanted: bool | None = None
+        self._gripper_thread: threading.Thread | None = None
         self._ops: deque = deque()
         self._ops_lock = threading.Lock()
         self._ops_event = threading.Event()
         self._stop_commands = threading.Event()
-        self._commander: Optional[threading.Thread] = None
-        self.last_stop_sent_at: Optional[float] = None
+        self._commander: threading.Thread | None = None
+        self.last_stop_sent_at: float | None = None
 
     # -- lifecycle
-    def connect(self) -> "FrankyArm":
+    def connect(self) -> FrankyArm:
         if self._robot is not None:
             return self
         franky = franky_module()
@@ -180,7 +179,7 @@ class FrankyArm:
         self._robot = None
         self._gripper = None
 
-    def __enter__(self) -> "FrankyArm":
+    def __enter__(self) -> FrankyArm:
         return self.connect()
 
     def __exit__(self, *exc) -> None:
@@ -337,7 +336,7 @@ class FrankyArm:
         # Every call on the franky Gripper happens in this one thread: a command issued while
         # another thread reads the width (or after Gripper.stop) can block indefinitely in libfranka.
         c = self.config
-        done: Optional[bool] = None
+        done: bool | None = None
         while not self._stop_monitor.is_set():
             wanted = self._gripper_wanted
             try:

@@ -155,18 +155,18 @@ class Pose:
         return m
 
     @classmethod
-    def from_matrix(cls, m: np.ndarray) -> "Pose":
+    def from_matrix(cls, m: np.ndarray) -> Pose:
         m = np.asarray(m, dtype=np.float64)
         return cls(tuple(m[:3, 3]), tuple(matrix_to_quat(m[:3, :3])))
 
-    def compose(self, other: "Pose") -> "Pose":
+    def compose(self, other: Pose) -> Pose:
         """self * other: `other` expressed in self's frame, returned in self's parent frame."""
         return Pose(
             tuple(self.p + quat_to_matrix(self.q) @ other.p),
             tuple(quat_multiply(self.q, other.q)),
         )
 
-    def distance(self, other: "Pose") -> tuple[float, float]:
+    def distance(self, other: Pose) -> tuple[float, float]:
         """(translation distance in m, rotation angle in rad) between two poses."""
         return float(np.linalg.norm(self.p - other.p)), quat_angle(self.q, other.q)
 

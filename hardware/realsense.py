@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -57,12 +56,12 @@ def list_devices() -> list[RealSenseDevice]:
 
 @dataclass(frozen=True)
 class RealSenseConfig:
-    serial: Optional[str] = None  # None: the only attached camera (an error if there are several)
+    serial: str | None = None  # None: the only attached camera (an error if there are several)
     width: int = 640
     height: int = 480
     fps: int = 30
     depth: bool = True
-    record_to: Optional[str] = None  # a .db3 path: pyrealsense2 2.59 records rosbag2/SQLite only
+    record_to: str | None = None  # a .db3 path: pyrealsense2 2.59 records rosbag2/SQLite only
     frame_timeout_ms: int = 1000
 
     def __post_init__(self) -> None:
@@ -77,7 +76,7 @@ class RealSenseConfig:
             )
 
 
-def resolve_serial(serial: Optional[str], devices: list[RealSenseDevice]) -> str:
+def resolve_serial(serial: str | None, devices: list[RealSenseDevice]) -> str:
     """Pick the device to open, or raise CameraError naming what was found and the fix."""
     if not devices:
         raise CameraError(f"No RealSense camera found (pyrealsense2 enumerates 0 devices). {NO_DEVICE_FIX}")

@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -55,7 +54,7 @@ class DB3Writer:
         self.intrinsics = intrinsics
         self.depth_scale = depth_scale
         self._index = 0
-        self._t0: Optional[float] = None
+        self._t0: float | None = None
         dev = rs.software_device()
         dev.register_info(rs.camera_info.name, name)
         dev.register_info(rs.camera_info.serial_number, serial)
@@ -82,7 +81,7 @@ class DB3Writer:
             sensor.open(profile)
             sensor.start(lambda f: None)
 
-    def write(self, color: np.ndarray, depth: Optional[np.ndarray], timestamp_s: float) -> None:
+    def write(self, color: np.ndarray, depth: np.ndarray | None, timestamp_s: float) -> None:
         rs = self._rs
         if self._t0 is None:
             self._t0 = timestamp_s
@@ -122,7 +121,7 @@ class DB3Writer:
         self._sensors = []
         self._device = None
 
-    def __enter__(self) -> "DB3Writer":
+    def __enter__(self) -> DB3Writer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -133,7 +132,9 @@ class FolderWriter:
     """Write frames as `color/NNNNNN.png` (+ `depth/NNNNNN.png`, 16-bit) with intrinsics.json and timestamps."""
 
     def __init__(self, path: str | Path, intrinsics: Intrinsics, depth_scale: float = 0.001) -> None:
-        from PIL import Image  # core dependency; imported here to keep hardware import light
+        from PIL import (
+            Image,  # core dependency; imported here to keep hardware import light
+        )
 
         self._Image = Image
         self.path = Path(path)
@@ -143,7 +144,7 @@ class FolderWriter:
         self._stamps: list[float] = []
         (self.path / "intrinsics.json").write_text(json.dumps(intrinsics.to_dict() | {"depth_scale": depth_scale}, indent=1))
 
-    def write(self, color: np.ndarray, depth: Optional[np.ndarray], timestamp_s: float) -> None:
+    def write(self, color: np.ndarray, depth: np.ndarray | None, timestamp_s: float) -> None:
         i = len(self._stamps)
         self._Image.fromarray(color).save(self.path / "color" / f"{i:06d}.png")
         if depth is not None:
@@ -155,7 +156,7 @@ class FolderWriter:
         t0 = self._stamps[0] if self._stamps else 0.0
         (self.path / "timestamps.txt").write_text("".join(f"{t - t0:.6f}\n" for t in self._stamps))
 
-    def __enter__(self) -> "FolderWriter":
+    def __enter__(self) -> FolderWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -175,7 +176,7 @@ def record(camera: Camera, path: str | Path, seconds: float, fps: int = 30, cloc
     Frames are written from the capture thread when the camera supports `subscribe` (none is missed);
     otherwise the latest frame is polled at twice the frame rate.
     """
-    first: Optional[Frame] = None
+    first: Frame | None = None
     deadline = clock() + 5.0
     while first is None:
         first = camera.latest()

@@ -14,7 +14,6 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -114,7 +113,7 @@ class FolderReplayCamera(ThreadedCamera):
         super().__init__(name=f"replay:{Path(config.path).name}", clock=clock)
         self.config = config
         self._colors: list[Path] = []
-        self._depths: list[Optional[Path]] = []
+        self._depths: list[Path | None] = []
         self._stamps: list[float] = []
         self._depth_scale = 0.001
         self._i = 0

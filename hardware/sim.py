@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 from .franky_arm import FCI_PORT
 
@@ -64,11 +63,11 @@ def franky_sim_command() -> list[str]:
 class SimServer:
     """`with SimServer() as sim: FrankyArm(FrankyConfig(sim.host))`."""
 
-    def __init__(self, host: Optional[str] = None, simulator: str = "mujoco", start_timeout_s: float = 60.0) -> None:
+    def __init__(self, host: str | None = None, simulator: str = "mujoco", start_timeout_s: float = 60.0) -> None:
         self.host = host or free_loopback_host()
         self.simulator = simulator
         self.start_timeout_s = start_timeout_s
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self._log = None
 
     @property
@@ -78,7 +77,7 @@ class SimServer:
         self._log.flush()
         return Path(self._log.name).read_text(errors="replace")
 
-    def start(self) -> "SimServer":
+    def start(self) -> SimServer:
         self._log = tempfile.NamedTemporaryFile("w+", prefix="franky-sim-", suffix=".log", delete=False)
         env = dict(os.environ, PYTHONUNBUFFERED="1")  # headless: MuJoCo loads no GL unless rendering
         self.proc = subprocess.Popen(
@@ -113,7 +112,7 @@ class SimServer:
             os.unlink(self._log.name)
             self._log = None
 
-    def __enter__(self) -> "SimServer":
+    def __enter__(self) -> SimServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from molmoact_edge.runtime.actions import ActionDecoder
-from molmoact_edge.runtime.bundle import open_bundle
-from molmoact_edge.runtime.convention import ActionConvention, convention_for
-from molmoact_edge.runtime.grammar import OutputGrammar
-from molmoact_edge.runtime.parser import parse_step
-from molmoact_edge.runtime.policy import Observation
+from molmoact_edge.runtime.control.convention import ActionConvention, convention_for
+from molmoact_edge.runtime.control.policy import Observation
+from molmoact_edge.runtime.engine.actions import ActionDecoder
+from molmoact_edge.runtime.engine.grammar import OutputGrammar
+from molmoact_edge.runtime.engine.parser import parse_step
+from molmoact_edge.runtime.engine.pipeline import open_bundle
 
 
 class NoActionError(RuntimeError):
@@ -37,7 +36,7 @@ class MolmoActConfig:
     max_actions: int = 8
     threads: int | None = None
     verify_hashes: bool = True
-    # The robot-side action convention to use, by preset name (runtime/convention.py); default: the
+    # The robot-side action convention to use, by preset name (runtime/control/convention.py); default: the
     # unnorm key's own preset. Needed for checkpoints whose dataset has no preset yet.
     convention: str | None = None
 

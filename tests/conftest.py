@@ -89,13 +89,13 @@ def run_generate_json(case: GoldenCase, source: list[str], extra: list[str] = ()
 
 @pytest.fixture(scope="session")
 def tokenizer_a(checkpoint_a):
-    from molmoact_edge.runtime.tokenizer import Tokenizer
+    from molmoact_edge.runtime.engine.tokenizer import Tokenizer
 
     return Tokenizer.from_checkpoint(checkpoint_a)
 
 
 @pytest.fixture(scope="session")
 def config_a(checkpoint_a):
-    from molmoact_edge.runtime.config import ModelConfig
+    from molmoact_edge.runtime.engine.config import ModelConfig
 
     return ModelConfig.load(checkpoint_a)

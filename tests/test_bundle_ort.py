@@ -14,9 +14,10 @@ from conftest import GoldenCase, case_id, fixture_dirs, golden_cases, run_genera
 from molmoact_edge.export.checkpoint import load_model
 from molmoact_edge.export.onnx_export import export_bundle
 from molmoact_edge.export.torch_backend import TorchBackend
-from molmoact_edge.runtime.bundle import BundleError, load_manifest, open_bundle
-from molmoact_edge.runtime.config import ModelConfig
-from molmoact_edge.runtime.ort_backend import OrtBackend
+from molmoact_edge.runtime.engine.bundle import BundleError, load_manifest
+from molmoact_edge.runtime.engine.pipeline import open_bundle
+from molmoact_edge.runtime.engine.config import ModelConfig
+from molmoact_edge.runtime.engine.ort_backend import OrtBackend
 
 CASES = golden_cases()
 
@@ -143,7 +144,7 @@ def test_wrong_format_version_is_refused(damaged):
 def test_wrong_graph_signature_is_refused(damaged):
     # A graph swapped in with a consistent hash: only the signature check can catch it.
     shutil.copyfile(damaged / "vision.onnx", damaged / "llm.onnx")
-    from molmoact_edge.runtime.bundle import sha256_file
+    from molmoact_edge.runtime.engine.bundle import sha256_file
 
     _rewrite_manifest(damaged, lambda m: m["files"].update({"llm.onnx": sha256_file(damaged / "llm.onnx")}))
     with pytest.raises(BundleError, match="graph 'llm' inputs are .*crops.*but the manifest says"):
@@ -188,7 +189,7 @@ def test_other_shapes_bundle_matches_reference(tmp_path):
     from PIL import Image
 
     from molmoact_edge.export.tiny import TinySize, write_checkpoint
-    from molmoact_edge.runtime.pipeline import ModelSpec, Pipeline
+    from molmoact_edge.runtime.engine.pipeline import ModelSpec, Pipeline
 
     size = TinySize(vit_hidden=48, vit_heads=3, vit_mlp=80, vit_layers=12, adapter_heads=4, projector_hidden=40,
                     llm_hidden=48, llm_heads=6, llm_kv_heads=3, llm_mlp=72, llm_layers=3)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from molmoact_edge.export.checkpoint import CheckpointError, load_model
 from molmoact_edge.export.tiny import write_checkpoint
-from molmoact_edge.runtime.config import ConfigError
+from molmoact_edge.runtime.engine.config import ConfigError
 
 
 @pytest.fixture(scope="module")

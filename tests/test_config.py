@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from molmoact_edge.runtime.config import ConfigError, ImageProcessorConfig, ModelConfig
+from molmoact_edge.runtime.engine.config import ConfigError, ImageProcessorConfig, ModelConfig
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ from grammar_answers import action_table, answers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from molmoact_edge.runtime.actions import ActionDecoder
-from molmoact_edge.runtime.config import ModelConfig
-from molmoact_edge.runtime.constrain import greedy_pick, mask_logits
-from molmoact_edge.runtime.grammar import GrammarError, OutputGrammar
-from molmoact_edge.runtime.parser import parse_step
-from molmoact_edge.runtime.tokenizer import Tokenizer
+from molmoact_edge.runtime.engine.actions import ActionDecoder
+from molmoact_edge.runtime.engine.config import ModelConfig
+from molmoact_edge.runtime.engine.constrain import greedy_pick, mask_logits
+from molmoact_edge.runtime.engine.grammar import GrammarError, OutputGrammar
+from molmoact_edge.runtime.engine.parser import parse_step
+from molmoact_edge.runtime.engine.tokenizer import Tokenizer
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                            HealthCheck.too_slow])

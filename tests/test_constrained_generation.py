@@ -13,12 +13,12 @@ from conftest import GoldenCase, case_id, golden_cases
 from molmoact_edge.export.checkpoint import load_model
 from molmoact_edge.export.onnx_export import export_bundle
 from molmoact_edge.export.torch_backend import TorchBackend
-from molmoact_edge.runtime.actions import ActionDecoder
-from molmoact_edge.runtime.bundle import open_bundle
-from molmoact_edge.runtime.events import ActionComplete, DepthComplete, Finished, TraceComplete
-from molmoact_edge.runtime.grammar import OutputGrammar
-from molmoact_edge.runtime.parser import parse_step
-from molmoact_edge.runtime.pipeline import ModelSpec, Pipeline
+from molmoact_edge.runtime.engine.actions import ActionDecoder
+from molmoact_edge.runtime.engine.pipeline import open_bundle
+from molmoact_edge.runtime.engine.events import ActionComplete, DepthComplete, Finished, TraceComplete
+from molmoact_edge.runtime.engine.grammar import OutputGrammar
+from molmoact_edge.runtime.engine.parser import parse_step
+from molmoact_edge.runtime.engine.pipeline import ModelSpec, Pipeline
 
 CASES = golden_cases()
 

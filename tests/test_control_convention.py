@@ -16,7 +16,7 @@ from molmoact_edge.hardware.geometry import (
     quat_to_rotvec,
     rotvec_to_quat,
 )
-from molmoact_edge.runtime.convention import CONVENTIONS, ActionConvention, convention_for
+from molmoact_edge.runtime.control.convention import CONVENTIONS, ActionConvention, convention_for
 
 # The sim's home pose: gripper pointing down (180 degrees about x).
 DOWN = Pose((0.5, 0.0, 0.4), (1.0, 0.0, 0.0, 0.0))

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from molmoact_edge.hardware.geometry import Pose, quat_angle
-from molmoact_edge.runtime.clock import FakeClock
-from molmoact_edge.runtime.convention import ActionConvention
-from molmoact_edge.runtime.executor import Executor, Watchdog, WatchdogConfig
-from molmoact_edge.runtime.policy import ActionChunk
-from molmoact_edge.runtime.safety import GripperHysteresis, SafetyConfig, SafetyLayer
+from molmoact_edge.runtime.control.clock import FakeClock
+from molmoact_edge.runtime.control.convention import ActionConvention
+from molmoact_edge.runtime.control.executor import Executor, Watchdog, WatchdogConfig
+from molmoact_edge.runtime.control.policy import ActionChunk
+from molmoact_edge.runtime.control.safety import GripperHysteresis, SafetyConfig, SafetyLayer
 
 HOME = Pose((0.5, 0.0, 0.4), (1.0, 0.0, 0.0, 0.0))
 PERIOD = 0.02  # 50 Hz

@@ -8,9 +8,9 @@ import sys
 MODULES = [
     "molmoact_edge.hardware.camera", "molmoact_edge.hardware.realsense", "molmoact_edge.hardware.replay",
     "molmoact_edge.hardware.recording", "molmoact_edge.hardware.arm", "molmoact_edge.hardware.franky_arm",
-    "molmoact_edge.hardware.sim", "molmoact_edge.runtime.loop", "molmoact_edge.runtime.worker",
-    "molmoact_edge.runtime.executor", "molmoact_edge.runtime.safety", "molmoact_edge.runtime.convention",
-    "molmoact_edge.runtime.policy", "molmoact_edge.run_cmd", "molmoact_edge.record_cmd",
+    "molmoact_edge.hardware.sim", "molmoact_edge.runtime.control.loop", "molmoact_edge.runtime.control.worker",
+    "molmoact_edge.runtime.control.executor", "molmoact_edge.runtime.control.safety", "molmoact_edge.runtime.control.convention",
+    "molmoact_edge.runtime.control.policy", "molmoact_edge.run_cmd", "molmoact_edge.record_cmd",
 ]
 
 

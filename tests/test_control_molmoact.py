@@ -15,12 +15,12 @@ from control_helpers import check_commands, sim, write_folder  # noqa: F401  (si
 from molmoact_edge.export.onnx_export import export_bundle
 from molmoact_edge.hardware.camera import Frame
 from molmoact_edge.hardware.geometry import Pose
-from molmoact_edge.runtime.loop import ControlLoop, LoopConfig
+from molmoact_edge.runtime.control.loop import ControlLoop, LoopConfig
 from molmoact_edge.runtime.molmoact_policy import MolmoActConfig, MolmoActPolicy
-from molmoact_edge.runtime.policy import Observation, PolicySpec
-from molmoact_edge.runtime.runlog import read_log
-from molmoact_edge.runtime.safety import SafetyConfig
-from molmoact_edge.runtime.worker import WorkerConfig
+from molmoact_edge.runtime.control.policy import Observation, PolicySpec
+from molmoact_edge.runtime.control.runlog import read_log
+from molmoact_edge.runtime.control.safety import SafetyConfig
+from molmoact_edge.runtime.control.worker import WorkerConfig
 
 RATE = 50.0
 

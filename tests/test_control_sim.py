@@ -17,12 +17,12 @@ import pytest
 from control_helpers import check_commands, sim, write_folder  # noqa: F401  (sim is a fixture)
 
 from molmoact_edge.hardware.geometry import Pose
-from molmoact_edge.runtime.executor import WatchdogConfig
-from molmoact_edge.runtime.loop import ControlLoop, LoopConfig
-from molmoact_edge.runtime.policy import FaultDrill, PolicySpec, ScriptedConfig
-from molmoact_edge.runtime.runlog import read_log
-from molmoact_edge.runtime.safety import SafetyConfig
-from molmoact_edge.runtime.worker import WorkerConfig
+from molmoact_edge.runtime.control.executor import WatchdogConfig
+from molmoact_edge.runtime.control.loop import ControlLoop, LoopConfig
+from molmoact_edge.runtime.control.policy import FaultDrill, PolicySpec, ScriptedConfig
+from molmoact_edge.runtime.control.runlog import read_log
+from molmoact_edge.runtime.control.safety import SafetyConfig
+from molmoact_edge.runtime.control.worker import WorkerConfig
 
 pytestmark = pytest.mark.sim
 

@@ -14,8 +14,9 @@ from control_helpers import INTR, wait_for
 
 from molmoact_edge.hardware.camera import Frame
 from molmoact_edge.hardware.geometry import Pose
-from molmoact_edge.runtime.policy import FaultDrill, Observation, PolicySpec, PolicyUnavailable, ScriptedConfig, build_policy
-from molmoact_edge.runtime.worker import InferenceWorker, WorkerConfig
+from molmoact_edge.runtime.control.factory import build_policy
+from molmoact_edge.runtime.control.policy import FaultDrill, Observation, PolicySpec, PolicyUnavailable, ScriptedConfig
+from molmoact_edge.runtime.control.worker import InferenceWorker, WorkerConfig
 
 HOME = Pose((0.5, 0.0, 0.4), (1.0, 0.0, 0.0, 0.0))
 

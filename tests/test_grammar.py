@@ -8,12 +8,12 @@ from grammar_answers import Answer, action_table, answers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from molmoact_edge.runtime.actions import ActionDecoder
-from molmoact_edge.runtime.config import ModelConfig
-from molmoact_edge.runtime.events import ActionComplete, DepthComplete, Finished, TraceComplete
-from molmoact_edge.runtime.grammar import GrammarError, GrammarSpec, OutputGrammar
-from molmoact_edge.runtime.parser import parse_actions, parse_step
-from molmoact_edge.runtime.tokenizer import Tokenizer
+from molmoact_edge.runtime.engine.actions import ActionDecoder
+from molmoact_edge.runtime.engine.config import ModelConfig
+from molmoact_edge.runtime.engine.events import ActionComplete, DepthComplete, Finished, TraceComplete
+from molmoact_edge.runtime.engine.grammar import GrammarError, GrammarSpec, OutputGrammar
+from molmoact_edge.runtime.engine.parser import parse_actions, parse_step
+from molmoact_edge.runtime.engine.tokenizer import Tokenizer
 
 K = 8
 SETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -27,7 +27,7 @@ def test_runtime_and_hardware_import_without_torch():
 def test_runtime_import_works_with_torch_blocked():
     """Simulates a robot install without torch: any torch import inside the runtime would fail."""
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import molmoact_edge.runtime.pipeline, molmoact_edge.runtime.generate, molmoact_edge.runtime.prompt\n"
+            "import molmoact_edge.runtime.engine.pipeline, molmoact_edge.runtime.engine.generate, molmoact_edge.runtime.engine.prompt\n"
             "print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

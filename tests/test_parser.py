@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from molmoact_edge.runtime.actions import ActionDecoder
-from molmoact_edge.runtime.config import ConfigError, ModelConfig
-from molmoact_edge.runtime.parser import (
+from molmoact_edge.runtime.engine.actions import ActionDecoder
+from molmoact_edge.runtime.engine.config import ConfigError, ModelConfig
+from molmoact_edge.runtime.engine.parser import (
     depth_codes_from_string, extract_action_lists, extract_depth_strings, extract_traces, parse_actions,
     parse_step, trace_to_pixels)
-from molmoact_edge.runtime.tokenizer import Tokenizer
+from molmoact_edge.runtime.engine.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_trace_to_pixels():
 
 
 def test_gripper_is_never_denormalised_even_if_the_mask_says_so(tokenizer_a):
-    from molmoact_edge.runtime.config import ActionStats
+    from molmoact_edge.runtime.engine.config import ActionStats
 
     stats = ActionStats(q01=np.array([-2.0, 0.0, 10.0]), q99=np.array([2.0, 1.0, 20.0]), mask=np.ones(3, bool))
     dec = ActionDecoder(base_vocab=tokenizer_a.rust.get_vocab(with_added_tokens=False),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import GoldenCase, case_id, golden_cases
 
-from molmoact_edge.runtime.pipeline import ModelSpec
+from molmoact_edge.runtime.engine.pipeline import ModelSpec
 
 CASES = golden_cases()
 

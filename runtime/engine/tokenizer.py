@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from molmoact_edge.runtime.config import ConfigError
+from molmoact_edge.runtime.engine.config import ConfigError
 
 # The processor's image tokens, in the order the official processor resolves them.
 IM_START, IM_END, IM_PATCH, IM_COL, IMAGE_PROMPT, IM_LOW = (
@@ -55,7 +55,7 @@ class Tokenizer:
         self.special = self._resolve(eos_token, bos_token or eos_token, pad_token or eos_token)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path) -> "Tokenizer":
+    def from_checkpoint(cls, checkpoint_dir: str | Path) -> Tokenizer:
         d = Path(checkpoint_dir)
         cfg_path = d / "tokenizer_config.json"
         names: dict[str, str] = {}

@@ -11,7 +11,7 @@ import json
 import sys
 from collections import deque
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO
 
 import numpy as np
 
@@ -32,9 +32,9 @@ def _plain(v):
 
 
 class RunLog:
-    def __init__(self, path: Optional[str | Path]) -> None:
+    def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path else None
-        self._f: Optional[IO[str]] = None
+        self._f: IO[str] | None = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "w", buffering=1)  # line-buffered: a crash loses at most one line
@@ -49,7 +49,7 @@ class RunLog:
             self._f.close()
             self._f = None
 
-    def __enter__(self) -> "RunLog":
+    def __enter__(self) -> RunLog:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -63,12 +63,12 @@ def read_log(path: str | Path) -> list[dict]:
 class Status:
     """Counters for the console line: loop rate, inference latency, last action, interventions."""
 
-    def __init__(self, stream: Optional[IO[str]] = sys.stderr, interval_s: float = 1.0) -> None:
+    def __init__(self, stream: IO[str] | None = sys.stderr, interval_s: float = 1.0) -> None:
         self.stream = stream
         self.interval_s = interval_s
         self.tick_times: deque[float] = deque(maxlen=200)
-        self.latency_s: Optional[float] = None
-        self.last_action: Optional[list[float]] = None
+        self.latency_s: float | None = None
+        self.last_action: list[float] | None = None
         self.interventions: dict[str, int] = {}
         self.chunks = 0
         self.commands = 0

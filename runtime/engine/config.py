@@ -206,7 +206,7 @@ class ActionStats:
     mask: np.ndarray
 
     @classmethod
-    def from_json(cls, key: str, data: dict[str, Any]) -> "ActionStats":
+    def from_json(cls, key: str, data: dict[str, Any]) -> ActionStats:
         action = data.get("action")
         if not isinstance(action, dict) or "q01" not in action or "q99" not in action:
             raise ConfigError(f"norm_stats[{key!r}] needs an 'action' entry with 'q01' and 'q99'")
@@ -278,7 +278,7 @@ class ModelConfig:
         return self.norm_stats[unnorm_key]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any], where: str = "config.json") -> ModelConfig:
         if data.get("model_type") not in (None, "molmoact"):
             raise ConfigError(f"{where}: model_type is {data.get('model_type')!r}, expected 'molmoact'")
         for section in ("vit_config", "adapter_config", "llm_config"):
@@ -304,7 +304,7 @@ class ModelConfig:
             raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
     @classmethod
-    def load(cls, checkpoint_dir: str | Path) -> "ModelConfig":
+    def load(cls, checkpoint_dir: str | Path) -> ModelConfig:
         path = Path(checkpoint_dir) / "config.json"
         return cls.from_dict(_read_json(path), str(path))
 
@@ -345,7 +345,7 @@ class ImageProcessorConfig:
         return self.base_image_input_size[0] // self.image_patch_size
 
     @classmethod
-    def load(cls, checkpoint_dir: str | Path) -> "ImageProcessorConfig":
+    def load(cls, checkpoint_dir: str | Path) -> ImageProcessorConfig:
         path = Path(checkpoint_dir) / "preprocessor_config.json"
         return _build(cls, _read_json(path), str(path))
 
@@ -367,7 +367,7 @@ class ProcessorConfig:
         _check_equal(self, "system_prompt", "demo_or_style")
 
     @classmethod
-    def load(cls, checkpoint_dir: str | Path) -> "ProcessorConfig":
+    def load(cls, checkpoint_dir: str | Path) -> ProcessorConfig:
         path = Path(checkpoint_dir) / "processor_config.json"
         if not path.exists():  # optional in older exports: the official defaults apply
             return cls()

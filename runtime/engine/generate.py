@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-
-from molmoact_edge.runtime.backend import Backend
-from molmoact_edge.runtime.constrain import greedy_pick
-from molmoact_edge.runtime.prompt import ModelInputs
+from molmoact_edge.runtime.engine.backend import Backend
+from molmoact_edge.runtime.engine.constrain import greedy_pick
+from molmoact_edge.runtime.engine.prompt import ModelInputs
 
 
 @dataclass

@@ -12,10 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from molmoact_edge.runtime.config import ImageProcessorConfig, ProcessorConfig
-from molmoact_edge.runtime.preprocess import VisionInputs, preprocess_images
-from molmoact_edge.runtime.tokenizer import IM_COL, IM_END, IM_PATCH, IM_START, Tokenizer
+from molmoact_edge.runtime.engine.config import ImageProcessorConfig, ProcessorConfig
+from molmoact_edge.runtime.engine.preprocess import VisionInputs, preprocess_images
+from molmoact_edge.runtime.engine.tokenizer import (
+    IM_COL,
+    IM_END,
+    IM_PATCH,
+    IM_START,
+    Tokenizer,
+)
 
 # Verbatim from the official evaluation code (SteerSimplerEnv/molmoact_model_test.py for the
 # single view; test_molmoact.py and run_libero_eval.py for the multi view).

@@ -16,10 +16,8 @@ the controller's own reflexes stay in charge above all of this.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
-
 from molmoact_edge.hardware.geometry import Pose, quat_angle, quat_slerp
 
 
@@ -58,7 +56,7 @@ class SafetyConfig:
 
 @dataclass
 class Filtered:
-    target: Optional[Pose]  # None: refused
+    target: Pose | None  # None: refused
     interventions: list[str] = field(default_factory=list)
 
 
@@ -74,7 +72,7 @@ class SafetyLayer:
         f.interventions.append(what)
         self.counts[what] = self.counts.get(what, 0) + 1
 
-    def filter(self, desired: Pose, previous: Pose, current: Optional[Pose] = None) -> Filtered:
+    def filter(self, desired: Pose, previous: Pose, current: Pose | None = None) -> Filtered:
         """The target to command this step, given the desired one and the previous command."""
         out = Filtered(target=None)
         p, q = desired.p, desired.q
@@ -108,9 +106,9 @@ class GripperHysteresis:
 
     def __init__(self, band: float) -> None:
         self.band = band
-        self.closed: Optional[bool] = None
+        self.closed: bool | None = None
 
-    def update(self, closedness: float) -> Optional[bool]:
+    def update(self, closedness: float) -> bool | None:
         """The new state to command (True close, False open), or None when nothing changes."""
         if not np.isfinite(closedness):
             return None

@@ -12,11 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from molmoact_edge.runtime.backend import Backend
-from molmoact_edge.runtime.config import ImageProcessorConfig, ModelConfig, ProcessorConfig
-from molmoact_edge.runtime.generate import GenerationResult, generate
-from molmoact_edge.runtime.prompt import ModelInputs, build_inputs
-from molmoact_edge.runtime.tokenizer import Tokenizer
+from molmoact_edge.runtime.engine.backend import Backend
+from molmoact_edge.runtime.engine.bundle import BundleError, load_manifest
+from molmoact_edge.runtime.engine.config import (
+    ImageProcessorConfig,
+    ModelConfig,
+    ProcessorConfig,
+)
+from molmoact_edge.runtime.engine.generate import GenerationResult, generate
+from molmoact_edge.runtime.engine.ort_backend import OrtBackend
+from molmoact_edge.runtime.engine.prompt import ModelInputs, build_inputs
+from molmoact_edge.runtime.engine.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class ModelSpec:
     tokenizer: Tokenizer
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> "ModelSpec":
+    def load(cls, model_dir: str | Path) -> ModelSpec:
         d = Path(model_dir)
         return cls(ModelConfig.load(d), ImageProcessorConfig.load(d), ProcessorConfig.load(d),
                    Tokenizer.from_checkpoint(d))
@@ -53,7 +59,7 @@ class Pipeline:
 
     def step(self, images, instruction: str, template: str | None = None, max_new_tokens: int = 256,
              grammar=None, steer_trace=None, on_event: Callable[[float, Any], None] | None = None) -> StepOutput:
-        """One step. With ``grammar`` (an :class:`~molmoact_edge.runtime.grammar.OutputGrammar`) decoding
+        """One step. With ``grammar`` (an :class:`~molmoact_edge.runtime.engine.grammar.OutputGrammar`) decoding
         is constrained to well-formed answers; ``steer_trace`` forces the trace slot (trajectory
         steering). ``on_event(ms_since_start, event)`` streams depth / trace / each action as they
         complete."""
@@ -71,8 +77,17 @@ class Pipeline:
     def close(self) -> None:
         self.backend.close()
 
-    def __enter__(self) -> "Pipeline":
+    def __enter__(self) -> Pipeline:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_bundle(bundle_dir: str | Path, backend: str = "onnxruntime", verify_hashes: bool = True, **options) -> Pipeline:
+    """A ready :class:`Pipeline` over an exported bundle."""
+    manifest = load_manifest(bundle_dir, verify_hashes=verify_hashes)
+    spec = ModelSpec.load(manifest.path)
+    if backend == "onnxruntime":
+        return Pipeline(spec, OrtBackend(manifest, spec.config, **options))
+    raise BundleError(f"unknown backend {backend!r}; the bundle runs on: onnxruntime")

@@ -18,14 +18,11 @@ The executor is a pure function of the times it is given, so tests drive it with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
-
 from molmoact_edge.hardware.geometry import Pose, quat_slerp
-
-from .policy import ActionChunk
-from .safety import GripperHysteresis, SafetyLayer
+from molmoact_edge.runtime.control.policy import ActionChunk
+from molmoact_edge.runtime.control.safety import GripperHysteresis, SafetyLayer
 
 _EPS_M = 1e-6
 _EPS_RAD = 1e-6
@@ -51,11 +48,11 @@ class Accepted:
 
 @dataclass
 class Step:
-    target: Optional[Pose] = None  # the command to send this tick (None: nothing new)
-    desired: Optional[Pose] = None  # what the plan wanted before the safety layer
-    gripper: Optional[bool] = None  # True close / False open when the state changes
+    target: Pose | None = None  # the command to send this tick (None: nothing new)
+    desired: Pose | None = None  # what the plan wanted before the safety layer
+    gripper: bool | None = None  # True close / False open when the state changes
     interventions: list[str] = field(default_factory=list)
-    waypoint: Optional[int] = None
+    waypoint: int | None = None
     refused: bool = False  # the safety layer refused the target (non-finite): stop
 
 
@@ -69,9 +66,9 @@ class Executor:
         self.safety = safety
         self.hysteresis = hysteresis
         self.plan: list[Waypoint] = []
-        self._start: Optional[tuple[float, Pose]] = None
-        self.last_command: Optional[Pose] = None
-        self.plan_end: Optional[float] = None
+        self._start: tuple[float, Pose] | None = None
+        self.last_command: Pose | None = None
+        self.plan_end: float | None = None
         self.chunks_accepted = 0
 
     # -- chunks
@@ -113,7 +110,7 @@ class Executor:
         self.plan_end = None
 
     # -- ticks
-    def desired_at(self, now: float) -> tuple[Optional[Pose], Optional[Waypoint]]:
+    def desired_at(self, now: float) -> tuple[Pose | None, Waypoint | None]:
         if not self.plan or self._start is None:
             return None, None
         t_prev, p_prev = self._start
@@ -176,8 +173,8 @@ class Watchdog:
     def __init__(self, config: WatchdogConfig) -> None:
         self.config = config
 
-    def next_deadline(self, newest_frame_time: Optional[float], started_at: float,
-                      worker_busy_since: Optional[float]) -> float:
+    def next_deadline(self, newest_frame_time: float | None, started_at: float,
+                      worker_busy_since: float | None) -> float:
         """When a time-based fault would become real if nothing new arrives before then."""
         reference = newest_frame_time if newest_frame_time is not None else started_at
         t = reference + self.config.frame_timeout_s
@@ -188,13 +185,13 @@ class Watchdog:
     def check(
         self,
         now: float,
-        newest_frame_time: Optional[float],
+        newest_frame_time: float | None,
         started_at: float,
-        worker_busy_since: Optional[float],
-        worker_error: Optional[str],
-        worker_error_at: Optional[float],
-        arm_error: Optional[str],
-    ) -> Optional[Fault]:
+        worker_busy_since: float | None,
+        worker_error: str | None,
+        worker_error_at: float | None,
+        arm_error: str | None,
+    ) -> Fault | None:
         c = self.config
         if arm_error is not None:
             return Fault("arm_error", f"arm: {arm_error}", now, now)

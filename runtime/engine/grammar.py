@@ -43,10 +43,19 @@ import copy
 from dataclasses import dataclass
 
 import numpy as np
-
-from molmoact_edge.runtime.actions import ActionDecoder
-from molmoact_edge.runtime.events import ActionComplete, DepthComplete, Event, Finished, TraceComplete
-from molmoact_edge.runtime.parser import DEFAULT_DEPTH_CODES, TRACE_MAX_POINTS, TRACE_MAX_VALUE
+from molmoact_edge.runtime.engine.actions import ActionDecoder
+from molmoact_edge.runtime.engine.events import (
+    ActionComplete,
+    DepthComplete,
+    Event,
+    Finished,
+    TraceComplete,
+)
+from molmoact_edge.runtime.engine.parser import (
+    DEFAULT_DEPTH_CODES,
+    TRACE_MAX_POINTS,
+    TRACE_MAX_VALUE,
+)
 
 GLUE_FORBIDDEN = "[]<>"
 
@@ -136,7 +145,7 @@ class OutputGrammar:
     @classmethod
     def from_tokenizer(cls, tokenizer, action_dim: int, n_action_bins: int = 256,
                        depth_codes: int = DEFAULT_DEPTH_CODES, max_actions: int = 1, glue_budget: int = 64,
-                       decoder: ActionDecoder | None = None) -> "OutputGrammar":
+                       decoder: ActionDecoder | None = None) -> OutputGrammar:
         """``depth_codes`` codes per depth block, 1..``max_actions`` action lists, at most
         ``glue_budget`` free tokens per glue gap (then the next part is forced, so even random
         weights finish). ``decoder`` (with an unnorm key) makes ActionComplete carry de-normalised
@@ -155,7 +164,7 @@ class OutputGrammar:
     @classmethod
     def from_config(cls, config, tokenizer, unnorm_key: str | None = None, action_dim: int | None = None,
                     depth_codes: int = DEFAULT_DEPTH_CODES, max_actions: int = 1,
-                    glue_budget: int = 64) -> "OutputGrammar":
+                    glue_budget: int = 64) -> OutputGrammar:
         """The grammar of a checkpoint: n_action_bins from its config, action_dim and the values
         of ActionComplete from ``norm_stats[unnorm_key]`` (unknown key: ConfigError listing the
         keys). Without norm_stats pass ``action_dim``; values then stay normalised."""
@@ -260,7 +269,7 @@ class OutputGrammar:
             self.trie_last = _Trie(contextual(" ", "]", True, "last element"), "last element", terminated=False)
 
     # -- cursors ------------------------------------------------------------------------------
-    def start(self, trace=None) -> "GrammarState":
+    def start(self, trace=None) -> GrammarState:
         """A cursor at the beginning of an answer. ``trace`` (1-5 (x, y) integer points in 0..255)
         is forced into the trace slot: MolmoAct's trajectory steering."""
         target = None
@@ -314,7 +323,7 @@ class GrammarState:
         self.nested, self.n_lists, self.elem, self.node, self.asub = False, 0, 0, 0, A_ELEM
         self.cur_ranks: list[int] = []
 
-    def copy(self) -> "GrammarState":
+    def copy(self) -> GrammarState:
         s = copy.copy(self)
         s.codes, s.points, s.cur_ranks = list(self.codes), list(self.points), list(self.cur_ranks)
         return s

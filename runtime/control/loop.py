@@ -15,18 +15,26 @@ import threading
 from bisect import bisect_left
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import IO, Callable, Optional, Sequence
+from typing import IO, Callable, Sequence
 
 from molmoact_edge.hardware.arm import Arm, ArmError
 from molmoact_edge.hardware.camera import Camera
 from molmoact_edge.hardware.geometry import Pose
-
-from .clock import MonotonicClock
-from .executor import Executor, Fault, Watchdog, WatchdogConfig
-from .policy import Observation, PolicySpec
-from .runlog import RunLog, Status
-from .safety import GripperHysteresis, SafetyConfig, SafetyLayer
-from .worker import InferenceWorker, WorkerConfig
+from molmoact_edge.runtime.control.clock import MonotonicClock
+from molmoact_edge.runtime.control.executor import (
+    Executor,
+    Fault,
+    Watchdog,
+    WatchdogConfig,
+)
+from molmoact_edge.runtime.control.policy import Observation, PolicySpec
+from molmoact_edge.runtime.control.runlog import RunLog, Status
+from molmoact_edge.runtime.control.safety import (
+    GripperHysteresis,
+    SafetyConfig,
+    SafetyLayer,
+)
+from molmoact_edge.runtime.control.worker import InferenceWorker, WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +49,9 @@ class LoopConfig:
     # Ask for the next chunk when the current plan has this little time left (seconds); a policy
     # slower than its chunk should set it to its latency or more so that inference overlaps motion.
     replan_when_remaining_s: float = 0.3
-    log_path: Optional[str] = None
+    log_path: str | None = None
     status_interval_s: float = 1.0
-    max_duration_s: Optional[float] = None
+    max_duration_s: float | None = None
 
     def __post_init__(self) -> None:
         if not (20.0 <= self.rate_hz <= 50.0):
@@ -57,11 +65,11 @@ class LoopConfig:
 @dataclass
 class RunResult:
     reason: str  # "duration" | "until" | "stopped" | "fault" | "interrupted"
-    fault: Optional[Fault] = None
+    fault: Fault | None = None
     ticks: int = 0
     commands: int = 0
     chunks: int = 0
-    stop_latency_s: Optional[float] = None  # fault occurrence -> stop sent
+    stop_latency_s: float | None = None  # fault occurrence -> stop sent
     interventions: dict = field(default_factory=dict)
 
     @property
@@ -86,7 +94,7 @@ class PoseHistory:
             self._t.popleft()
             self._p.popleft()
 
-    def at(self, t: float) -> Optional[Pose]:
+    def at(self, t: float) -> Pose | None:
         if not self._t:
             return None
         i = bisect_left(self._t, t)
@@ -99,7 +107,7 @@ class PoseHistory:
 
 class ControlLoop:
     def __init__(self, cameras: Sequence[Camera], arm: Arm, policy: PolicySpec, config: LoopConfig,
-                 clock=None, status_stream: Optional[IO[str]] = sys.stderr) -> None:
+                 clock=None, status_stream: IO[str] | None = sys.stderr) -> None:
         if not cameras:
             raise ValueError("ControlLoop needs at least one camera")
         self.cameras = list(cameras)
@@ -117,10 +125,10 @@ class ControlLoop:
         self.stop_event = threading.Event()
         self._obs_index = 0
         self.tick_starts: list[float] = []  # for benchmarks/executor_jitter.py (capped)
-        self._last_submitted_frame: Optional[float] = None
+        self._last_submitted_frame: float | None = None
 
     # -- lifecycle
-    def __enter__(self) -> "ControlLoop":
+    def __enter__(self) -> ControlLoop:
         self.worker.start()
         return self
 
@@ -133,7 +141,7 @@ class ControlLoop:
         self.runlog.close()
 
     # -- the loop
-    def run(self, until: Optional[Callable[[], bool]] = None) -> RunResult:
+    def run(self, until: Callable[[], bool] | None = None) -> RunResult:
         clock, c = self.clock, self.config
         start = clock.now()
         self.runlog.write("start", start, rate_hz=c.rate_hz, instruction=c.instruction, arm=self.arm.name,
@@ -201,11 +209,11 @@ class ControlLoop:
         self.runlog.write("stop", sent, fault=fault.kind, message=fault.message, occurred_at=fault.occurred_at,
                           detected_at=fault.detected_at, latency_s=sent - fault.occurred_at, sent=confirmed)
 
-    def _frames_time(self) -> Optional[float]:
+    def _frames_time(self) -> float | None:
         frames = [cam.latest() for cam in self.cameras]
         return min(f.timestamp for f in frames) if all(f is not None for f in frames) else None
 
-    def _wait_until(self, deadline: float, start: float) -> Optional[Fault]:
+    def _wait_until(self, deadline: float, start: float) -> Fault | None:
         """Sleep until the next tick, but handle inference news (a chunk, an error, a dead worker)
         the moment it arrives, and wake when a stale frame or a hung inference is due, so that a
         fault stops the arm without waiting for the next tick."""
@@ -258,7 +266,7 @@ class ControlLoop:
             if acc.dropped:
                 self.status.intervene("stale_prefix_dropped")
 
-    def _tick(self, now: float, start: float, result: RunResult) -> Optional[Fault]:
+    def _tick(self, now: float, start: float, result: RunResult) -> Fault | None:
         c = self.config
         self.status.tick(now)
         state = self.arm.state()

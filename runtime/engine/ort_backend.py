@@ -13,10 +13,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
-from molmoact_edge.hardware.deps import require
-from molmoact_edge.runtime.bundle import BundleError, Manifest, check_signature
-from molmoact_edge.runtime.config import ModelConfig
+from molmoact_edge.runtime.engine.bundle import BundleError, Manifest, check_signature
+from molmoact_edge.runtime.engine.config import ModelConfig
+from molmoact_edge.runtime.engine.deps import import_backend
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(bfloat16)": "bfloat16", "tensor(int32)": "int32"}
@@ -31,7 +30,7 @@ class OrtBackend:
 
     def __init__(self, manifest: Manifest, config: ModelConfig, providers: list[str] | None = None,
                  threads: int | None = None):
-        ort = require("onnxruntime", "onnxruntime")  # onnxruntime-gpu provides it too
+        ort = import_backend("onnxruntime", "onnxruntime")  # onnxruntime-gpu provides it too
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

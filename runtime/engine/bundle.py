@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from molmoact_edge.runtime.config import ModelConfig
+from molmoact_edge.runtime.engine.config import ModelConfig
 
 FORMAT = "molmoact-edge-bundle"
 FORMAT_VERSION = 1
@@ -46,7 +46,7 @@ class TensorSpec:
     shape: tuple  # ints for fixed dims, strings for symbolic ones
 
     @classmethod
-    def from_json(cls, d: dict) -> "TensorSpec":
+    def from_json(cls, d: dict) -> TensorSpec:
         return cls(d["name"], d["dtype"], tuple(d["shape"]))
 
     def to_json(self) -> dict:
@@ -60,7 +60,7 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
 
     @classmethod
-    def from_json(cls, d: dict) -> "GraphSpec":
+    def from_json(cls, d: dict) -> GraphSpec:
         return cls(d["file"], tuple(TensorSpec.from_json(x) for x in d["inputs"]),
                    tuple(TensorSpec.from_json(x) for x in d["outputs"]))
 
@@ -169,17 +169,3 @@ def check_signature(name: str, spec: GraphSpec, actual_inputs, actual_outputs, p
         if not ok:
             raise BundleError(f"{path}: graph {name!r} {kind} are {got}, but the manifest says {describe(want)}; "
                               f"the graph file does not belong to this manifest: {_reexport(path)}")
-
-
-def open_bundle(bundle_dir: str | Path, backend: str = "onnxruntime", verify_hashes: bool = True, **options):
-    """A ready :class:`~molmoact_edge.runtime.pipeline.Pipeline` over a bundle."""
-    from molmoact_edge.runtime.pipeline import ModelSpec, Pipeline
-
-    manifest = load_manifest(bundle_dir, verify_hashes=verify_hashes)
-    spec = ModelSpec.load(manifest.path)
-    if backend == "onnxruntime":
-        from molmoact_edge.runtime.ort_backend import OrtBackend
-
-        return Pipeline(spec, OrtBackend(manifest, spec.config, **options))
-    raise BundleError(f"unknown backend {backend!r}; available here: onnxruntime "
-                      "(tensorrt needs TensorRT, which this machine lacks)")

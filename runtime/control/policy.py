@@ -5,22 +5,21 @@ boundary is plain data: an `Observation` (frames, instruction, the arm pose at o
 and an `ActionChunk` (N x 7 actions in the policy's `ActionConvention`). Policies are built from a
 picklable `PolicySpec` so that a worker process can construct its own copy.
 
-The MolmoAct policy (runtime/molmoact_policy.py: the decode loop over an exported bundle) is the
-"molmoact" kind; its options travel in `PolicySpec.options` as plain data.
+The MolmoAct policy (runtime/molmoact_policy.py, the bridge to the engine) is the "molmoact" kind;
+its options travel in `PolicySpec.options` as plain data. `runtime/control/factory.py` builds any
+kind from its spec.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
 from molmoact_edge.hardware.camera import Frame
 from molmoact_edge.hardware.geometry import Pose
-
-from .convention import ActionConvention
+from molmoact_edge.runtime.control.convention import ActionConvention
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ class ScriptedPolicy:
     def __init__(self, config: ScriptedConfig = ScriptedConfig()) -> None:
         self.config = config
         self.convention = ActionConvention(control_period_s=config.control_period_s)
-        self.goal: Optional[np.ndarray] = None
+        self.goal: np.ndarray | None = None
 
     def predict(self, obs: Observation) -> np.ndarray:
         c = self.config
@@ -208,20 +207,3 @@ class PolicySpec:
 
 class PolicyUnavailable(RuntimeError):
     pass
-
-
-def build_policy(spec: PolicySpec) -> Policy:
-    if spec.kind == "molmoact":
-        # Imported here: it brings the decode loop and onnxruntime, which scripted bring-up never needs.
-        from molmoact_edge.runtime.molmoact_policy import MolmoActConfig, MolmoActPolicy
-
-        try:
-            config = MolmoActConfig(**spec.options)
-        except TypeError as e:
-            raise PolicyUnavailable(f"bad MolmoAct policy options {sorted(spec.options)}: {e}") from None
-        policy: Policy = MolmoActPolicy(config)
-    else:
-        policy = ScriptedPolicy(spec.scripted)
-    if spec.drill.kind != "none":
-        policy = DrillPolicy(policy, spec.drill)
-    return policy

@@ -18,8 +18,7 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from molmoact_edge.runtime.actions import ActionDecoder
+from molmoact_edge.runtime.engine.actions import ActionDecoder
 
 # Same patterns as the official parser (not shared code: written to its documented behaviour).
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][+-]?\d+)?$")

@@ -7,8 +7,7 @@ and the runtime backends apply one and the same constraint.
 from __future__ import annotations
 
 import numpy as np
-
-from molmoact_edge.runtime.grammar import GrammarError, GrammarState
+from molmoact_edge.runtime.engine.grammar import GrammarError, GrammarState
 
 
 def mask_logits(logits: np.ndarray, state: GrammarState) -> np.ndarray:

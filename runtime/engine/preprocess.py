@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from molmoact_edge.runtime.config import ImageProcessorConfig
+from molmoact_edge.runtime.engine.config import ImageProcessorConfig
 
 
 class ImageError(ValueError):

@@ -18,11 +18,11 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
-
-from .policy import ActionChunk, Observation, PolicySpec, build_policy
+from molmoact_edge.runtime.control.factory import build_policy
+from molmoact_edge.runtime.control.policy import ActionChunk, Observation, PolicySpec
 
 log = logging.getLogger(__name__)
 
@@ -110,21 +110,21 @@ class InferenceWorker:
         self.spec = spec
         self.config = config
         self._clock = clock
-        self._busy_since: Optional[float] = None
-        self._error: Optional[str] = None
-        self._error_at: Optional[float] = None
+        self._busy_since: float | None = None
+        self._error: str | None = None
+        self._error_at: float | None = None
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._proc = None
-        self._rx: Optional[threading.Thread] = None
-        self._ready: Optional[ActionChunk] = None
+        self._rx: threading.Thread | None = None
+        self._ready: ActionChunk | None = None
         self.requests_sent = 0
         # Set whenever a response arrives or the worker dies, so that the control loop can react
         # between ticks instead of at the next one.
         self.news = threading.Event()
 
     # -- lifecycle
-    def start(self) -> "InferenceWorker":
+    def start(self) -> InferenceWorker:
         if self.config.mode == "thread":
             self._requests: queue.Queue = queue.Queue(maxsize=1)
             self._responses: queue.Queue = queue.Queue()
@@ -205,7 +205,7 @@ class InferenceWorker:
                 self._rx = None
             self._proc = None
 
-    def __enter__(self) -> "InferenceWorker":
+    def __enter__(self) -> InferenceWorker:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -217,11 +217,11 @@ class InferenceWorker:
         return self._busy_since is not None
 
     @property
-    def busy_since(self) -> Optional[float]:
+    def busy_since(self) -> float | None:
         return self._busy_since
 
     @property
-    def error(self) -> Optional[str]:
+    def error(self) -> str | None:
         if self._error is None:
             self._drain()  # an error message may be waiting; read it before judging liveness
             if self._error is None and self._proc is not None and not self._proc.is_alive():
@@ -237,7 +237,7 @@ class InferenceWorker:
         return self._error
 
     @property
-    def error_at(self) -> Optional[float]:
+    def error_at(self) -> float | None:
         return self._error_at
 
     def _set_error(self, message: str, at: float) -> None:
@@ -254,7 +254,7 @@ class InferenceWorker:
         self.requests_sent += 1
         return True
 
-    def poll(self) -> Optional[ActionChunk]:
+    def poll(self) -> ActionChunk | None:
         """The finished chunk, if one arrived since the last poll; never blocks."""
         self._drain()
         chunk, self._ready = self._ready, None

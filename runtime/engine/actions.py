@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
-
-from molmoact_edge.runtime.config import ActionStats, ConfigError, ModelConfig
+from molmoact_edge.runtime.engine.config import ActionStats, ConfigError, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class ActionDecoder:
 
     @classmethod
     def from_checkpoint(cls, config: ModelConfig, tokenizer, unnorm_key: str | None = None,
-                        denormalize: bool = True) -> "ActionDecoder":
+                        denormalize: bool = True) -> ActionDecoder:
         """``unnorm_key`` picks the dataset statistics; an unknown key raises ConfigError listing the
         available ones. ``denormalize=False`` keeps normalised values (no key needed)."""
         stats = None

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-
 from molmoact_edge.hardware.geometry import (
     Pose,
     euler_xyz_to_quat,
@@ -125,5 +124,5 @@ def convention_for(unnorm_key: str) -> ActionConvention:
     except KeyError:
         raise ValueError(
             f"no action convention for unnorm key {unnorm_key!r}; known: {sorted(CONVENTIONS)}. Add one to "
-            "molmoact_edge.runtime.convention.CONVENTIONS (frame, rotation, gripper sign, control period)."
+            "molmoact_edge.runtime.control.convention.CONVENTIONS (frame, rotation, gripper sign, control period)."
         ) from None
