@@ -1,7 +1,8 @@
 """Shared test helpers.
 
 Golden data comes from ../shared/fixtures (outputs of the official MolmoAct implementation), never
-from this project's own code. Set MOLMOACT_FIXTURES to point elsewhere.
+from this project's own code. Set MOLMOACT_FIXTURES to point elsewhere, and MOLMOACT_TEST_BUNDLES to
+a folder of bundles exported beforehand (one per fixture, named like it) where torch is absent.
 """
 
 from __future__ import annotations
@@ -27,6 +28,37 @@ def fixture_a() -> Path:
     if not (FIXTURE_A / "checkpoint" / "config.json").exists():
         pytest.skip(f"golden fixture not found at {FIXTURE_A} (set MOLMOACT_FIXTURES)")
     return FIXTURE_A
+
+
+# A robot install has no torch to export with: CI exports the fixture bundles in the torch environment
+# and hands them over through this variable (DIR/molmoact-tiny-a/, ...), so the onnxruntime tests run
+# there too instead of skipping.
+BUNDLES_ENV = "MOLMOACT_TEST_BUNDLES"
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory) -> dict[Path, Path]:
+    """Every fixture's checkpoint as an fp32 bundle: fixture dir -> bundle dir (shared, read-only)."""
+    given = os.environ.get(BUNDLES_ENV)
+    if given:
+        out = {d: Path(given) / d.name for d in fixture_dirs()}
+        missing = [str(b) for b in out.values() if not (b / "manifest.json").exists()]
+        if missing:
+            pytest.fail(f"{BUNDLES_ENV}={given} lacks the bundles {missing}; export each with `molmoact-edge "
+                        f"export --checkpoint FIXTURE/checkpoint --out {given}/FIXTURE_NAME`, or unset it",
+                        pytrace=False)
+        return out
+    pytest.importorskip("torch", reason=f"no torch to export the fixture bundles: set {BUNDLES_ENV} to bundles "
+                                        "exported where torch is installed (see .ci/run)")
+    from molmoact_edge.export.onnx_export import export_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    return {d: export_bundle(d / "checkpoint", root / d.name, progress=lambda s: None) for d in fixture_dirs()}
+
+
+@pytest.fixture(scope="session")
+def bundle_a(bundles, fixture_a) -> Path:
+    return bundles[fixture_a]
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ embeddings, must reproduce the official implementation's greedy ids."""
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="the torch reference: pip install '.[export]' (absent on a robot install)")
 from conftest import GoldenCase
 
 from molmoact_edge.export.checkpoint import load_model

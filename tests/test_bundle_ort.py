@@ -1,5 +1,8 @@
 """Exported bundles on onnxruntime: same ids as the official implementation, same logits as the
-reference, one graph for prefill/decode/verify, and damaged bundles refused with a clear error."""
+reference, one graph for prefill/decode/verify, and damaged bundles refused with a clear error.
+
+The bundle tests also run on the robot install (no torch, bundles handed over by conftest's
+MOLMOACT_TEST_BUNDLES); the tests that need the reference or the exporter skip there."""
 
 import json
 import shutil
@@ -8,29 +11,23 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from conftest import GoldenCase, case_id, fixture_dirs, golden_cases, run_generate_json
+from conftest import GoldenCase, case_id, golden_cases, run_generate_json
 
-from molmoact_edge.export.checkpoint import load_model
-from molmoact_edge.export.onnx_export import export_bundle
-from molmoact_edge.export.torch_backend import TorchBackend
 from molmoact_edge.runtime.engine.bundle import BundleError, load_manifest
 from molmoact_edge.runtime.engine.pipeline import open_bundle
 from molmoact_edge.runtime.engine.config import ModelConfig
 from molmoact_edge.runtime.engine.ort_backend import OrtBackend
 
 CASES = golden_cases()
+NO_TORCH = "torch not installed (a robot install): the reference and the exporter need pip install '.[export]'"
 
 
-@pytest.fixture(scope="session")
-def bundles(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundles")
-    return {d: export_bundle(d / "checkpoint", root / d.name, progress=lambda s: None) for d in fixture_dirs()}
+def export_bundle(*args, **kwargs):
+    """The exporter where torch is installed; a skip on the robot install."""
+    pytest.importorskip("torch", reason=NO_TORCH)
+    from molmoact_edge.export.onnx_export import export_bundle
 
-
-@pytest.fixture(scope="session")
-def bundle_a(bundles, fixture_a):
-    return bundles[fixture_a]
+    return export_bundle(*args, **kwargs)
 
 
 @pytest.mark.parametrize("item", CASES, ids=[case_id(c) for c in CASES])
@@ -45,10 +42,17 @@ def test_generate_bundle_onnxruntime_greedy_ids(item, bundles):
 
 
 @pytest.fixture(scope="module")
-def backends(bundle_a, checkpoint_a):
-    ort_b = OrtBackend(load_manifest(bundle_a), ModelConfig.load(bundle_a))
-    ref = TorchBackend(load_model(checkpoint_a, torch.float32))
-    return ort_b, ref
+def ort_a(bundle_a):
+    return OrtBackend(load_manifest(bundle_a), ModelConfig.load(bundle_a))
+
+
+@pytest.fixture(scope="module")
+def backends(ort_a, checkpoint_a):
+    torch = pytest.importorskip("torch", reason=NO_TORCH)
+    from molmoact_edge.export.checkpoint import load_model
+    from molmoact_edge.export.torch_backend import TorchBackend
+
+    return ort_a, TorchBackend(load_model(checkpoint_a, torch.float32))
 
 
 @pytest.mark.parametrize("name", ["single_256", "multi_2x256"])
@@ -72,8 +76,8 @@ def test_logits_match_reference_and_golden(backends, fixture_a, name):
         assert np.abs(lo - lr).max() < 1e-4
 
 
-def test_k_token_forward_equals_k_single_forwards(backends, fixture_a):
-    ort_b, _ = backends
+def test_k_token_forward_equals_k_single_forwards(ort_a, fixture_a):
+    ort_b = ort_a
     case = GoldenCase(fixture_a, "single_256")
     ids = case["input_ids"][0]
     feats = ort_b.vision(case["images"][0], case["pooled_patches_idx"][0])
@@ -186,9 +190,12 @@ def test_fp16_bundle_runs_and_stays_close(checkpoint_a, fixture_a, tmp_path):
 def test_other_shapes_bundle_matches_reference(tmp_path):
     """Nothing is tuned to fixture A's sizes: another width/depth/head layout exports and runs the
     same on both engines."""
+    pytest.importorskip("torch", reason=NO_TORCH)
     from PIL import Image
 
+    from molmoact_edge.export.checkpoint import load_model
     from molmoact_edge.export.tiny import TinySize, write_checkpoint
+    from molmoact_edge.export.torch_backend import TorchBackend
     from molmoact_edge.runtime.engine.pipeline import ModelSpec, Pipeline
 
     size = TinySize(vit_hidden=48, vit_heads=3, vit_mlp=80, vit_layers=12, adapter_heads=4, projector_hidden=40,

@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="the torch reference: pip install '.[export]' (absent on a robot install)")
 from safetensors.torch import load_file, save_file
 
 from molmoact_edge.export.checkpoint import CheckpointError, load_model

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="the torch reference: pip install '.[export]' (absent on a robot install)")
 from conftest import GoldenCase, case_id, golden_cases
 
 from molmoact_edge.export.checkpoint import load_model

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-import torch
+torch = pytest.importorskip("torch", reason="the torch reference: pip install '.[export]' (absent on a robot install)")
 from conftest import GoldenCase, case_id, golden_cases, run_generate_json
 
 from molmoact_edge.export.checkpoint import load_model
