@@ -70,7 +70,7 @@ def discover(repo: Path = REPO) -> dict[str, tuple[str, bool, str]]:
     for pkg, folder in dirs.items():
         for f in sorted(folder.rglob("*.py")):
             rel = f.relative_to(folder).with_suffix("").parts
-            # A subfolder with its own package-dir entry (runtime/ under cli/ never is) is walked there.
+            # A subfolder that package-dir maps on its own is read under that entry, not twice.
             if rel and any(f"{pkg}.{'.'.join(rel[:i])}" in dirs for i in range(1, len(rel))):
                 continue
             is_pkg = rel[-1] == "__init__"
