@@ -121,9 +121,14 @@ def run(args) -> int:
     from molmoact_edge.runtime.engine.deps import BackendUnavailable
     from molmoact_edge.runtime.engine.grammar import GrammarError, OutputGrammar
     from molmoact_edge.runtime.engine.parser import parse_step
+    from molmoact_edge.runtime.engine.prompt import InputError, check_instruction
 
     if args.max_new_tokens < 1:
         raise SystemExit("error: --max-new-tokens must be >= 1")
+    try:
+        check_instruction(args.instruction)
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
     images = _load_images(args.image)
     steer = None
     if args.steer_trace is not None:
