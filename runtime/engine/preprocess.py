@@ -17,18 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from molmoact_edge.runtime.engine.config import ImageProcessorConfig
-
-
-class ImageError(ValueError):
-    """An input image that cannot be used; the message says what was received and what is expected."""
+from molmoact_edge.runtime.engine.images import ImageError, check_pixels, pil_to_rgb_uint8
 
 
 def as_rgb_uint8(image) -> np.ndarray:
     """Accept an HxWx3 uint8 array or a PIL image; anything else is refused with the reason."""
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image without importing PIL here
-        from PIL import ImageOps
-
-        image = np.asarray(ImageOps.exif_transpose(image.convert("RGB")))
+        image = pil_to_rgb_uint8(image)
     if not isinstance(image, np.ndarray):
         raise ImageError(f"expected an HxWx3 uint8 array or a PIL image, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3:
@@ -37,6 +32,7 @@ def as_rgb_uint8(image) -> np.ndarray:
         raise ImageError(f"expected uint8 pixels, got {image.dtype} (convert with (x*255).round().astype(np.uint8))")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ImageError(f"empty image of shape {image.shape}")
+    check_pixels(image.shape[1], image.shape[0])
     return image
 
 
