@@ -14,7 +14,6 @@ from PIL import Image
 
 from molmoact_edge.runtime.engine.config import ConfigError
 from molmoact_edge.runtime.engine.pipeline import ModelSpec
-from molmoact_edge.runtime.engine.prompt import InputError, check_instruction
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +35,8 @@ def test_special_token_in_instruction_is_refused(spec, image, token):
 
 
 def test_every_added_token_of_the_tokenizer_file_is_refused(checkpoint_a, spec):
+    from molmoact_edge.runtime.engine.prompt import InputError, check_instruction
+
     # The list comes from tokenizer.json itself, read here with json, not from our tokenizer code.
     added = [t["content"] for t in json.loads((checkpoint_a / "tokenizer.json").read_text())["added_tokens"]]
     assert len(added) > 400
@@ -54,6 +55,8 @@ def test_text_that_only_resembles_a_token_is_accepted(spec, image, text):
 
 
 def test_empty_instruction_is_refused_before_any_model_loads(tmp_path, fixture_a):
+    from molmoact_edge.runtime.engine.prompt import InputError, check_instruction
+
     with pytest.raises(InputError, match="instruction is empty"):
         check_instruction("  \n")
     # The checkpoint does not exist: the instruction must be refused before anything looks for it.
