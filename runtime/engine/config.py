@@ -86,12 +86,12 @@ SIZE_LIMITS: dict[str, int] = {
 }
 
 
-def _check_size(name: str, v, low: int = 1) -> None:
-    """``v`` is an integer in [low, SIZE_LIMITS[name]]; the error names the field and the bound."""
+def _check_size(name: str, v, low: int = 1, limit_key: str | None = None) -> None:
+    """``v`` is an integer in [low, SIZE_LIMITS[limit_key or name]]; the error names the field and the bound."""
     if not isinstance(v, int) or isinstance(v, bool) or v < low:
         kind = "a positive integer" if low == 1 else f"an integer >= {low}"
         raise ConfigError(f"field {name!r} must be {kind}, got {v!r}")
-    limit = SIZE_LIMITS["image_side" if name.endswith("input_size") else name]
+    limit = SIZE_LIMITS[limit_key or name]
     if v > limit:
         raise ConfigError(f"field {name!r} = {v} exceeds the limit of {limit} (MolmoAct-7B's sizes are far "
                           "below it); this config is corrupt or describes a model this runtime cannot hold")
@@ -108,18 +108,11 @@ def _check_eps(obj) -> None:
         raise ConfigError(f"field 'layer_norm_eps' must be a small positive number (MolmoAct: 1e-6), got {v!r}")
 
 
-def _check_attention(obj) -> None:
-    """The attention geometry every block type shares: sizes bounded, heads x head_dim = hidden,
-    query heads grouped evenly over the key/value heads, a supported activation."""
-    _check_positive(obj, "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
-    if obj.hidden_act not in ACTIVATIONS:
-        raise ConfigError(f"field 'hidden_act' = {obj.hidden_act!r}; accepted: {ACTIVATIONS}")
-    if obj.num_attention_heads * obj.head_dim != obj.hidden_size:
-        raise ConfigError("num_attention_heads * head_dim must equal hidden_size "
-                          f"({obj.num_attention_heads} * {obj.head_dim} != {obj.hidden_size})")
-    if obj.num_attention_heads % obj.num_key_value_heads:
-        raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads "
-                          f"({obj.num_attention_heads} % {obj.num_key_value_heads} != 0)")
+def _check_image_size(name: str, size: tuple) -> None:
+    if len(size) != 2:
+        raise ConfigError(f"field {name!r} must be [height, width], got {list(size)}")
+    for side in size:
+        _check_size(name, side, limit_key="image_side")
 
 
 def _check_equal(obj, name: str, accepted) -> None:
@@ -133,13 +126,34 @@ ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 
 
 @dataclass(frozen=True)
-class VitConfig:
+class AttentionConfig:
+    """The attention and MLP geometry the ViT, the adapter's pooling attention and the LLM share;
+    each subclass declares its own ``hidden_act`` default and calls :meth:`check_attention`."""
+
     hidden_size: int
     intermediate_size: int
-    num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
+
+    def check_attention(self) -> None:
+        """Sizes bounded, heads x head_dim = hidden, query heads grouped evenly over the key/value
+        heads, a supported activation."""
+        _check_positive(self, "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                        "head_dim")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"field 'hidden_act' = {self.hidden_act!r}; accepted: {ACTIVATIONS}")
+        if self.num_attention_heads * self.head_dim != self.hidden_size:
+            raise ConfigError("num_attention_heads * head_dim must equal hidden_size "
+                              f"({self.num_attention_heads} * {self.head_dim} != {self.hidden_size})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads "
+                              f"({self.num_attention_heads} % {self.num_key_value_heads} != 0)")
+
+
+@dataclass(frozen=True)
+class VitConfig(AttentionConfig):
+    num_hidden_layers: int
     image_default_input_size: tuple[int, int]
     image_patch_size: int
     image_num_pos: int
@@ -152,14 +166,10 @@ class VitConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "image_default_input_size", tuple(self.image_default_input_size))
-        _check_attention(self)
+        self.check_attention()
         _check_positive(self, "num_hidden_layers", "image_patch_size", "image_num_pos")
         _check_eps(self)
-        if len(self.image_default_input_size) != 2:
-            raise ConfigError(f"field 'image_default_input_size' must be [height, width], "
-                              f"got {list(self.image_default_input_size)}")
-        for side in self.image_default_input_size:
-            _check_size("image_default_input_size", side)
+        _check_image_size("image_default_input_size", self.image_default_input_size)
         h, w = self.image_default_input_size
         if h % self.image_patch_size or w % self.image_patch_size:
             raise ConfigError(f"image_default_input_size {self.image_default_input_size} is not a multiple "
@@ -181,14 +191,9 @@ class VitConfig:
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(AttentionConfig):
     vit_layers: tuple[int, ...]
-    hidden_size: int
-    intermediate_size: int
     text_hidden_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     hidden_act: str = "silu"
     float32_attention: bool = True
     image_padding_embed: str | None = None
@@ -197,19 +202,14 @@ class AdapterConfig:
         object.__setattr__(self, "vit_layers", tuple(int(v) for v in self.vit_layers))
         if not self.vit_layers:
             raise ConfigError("field 'vit_layers' must list at least one ViT layer")
-        _check_attention(self)
+        self.check_attention()
         _check_positive(self, "text_hidden_size")
         _check_equal(self, "image_padding_embed", None)
 
 
 @dataclass(frozen=True)
-class LlmConfig:
-    hidden_size: int
-    intermediate_size: int
+class LlmConfig(AttentionConfig):
     num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     vocab_size: int
     additional_vocab_size: int
     rope_theta: float
@@ -222,7 +222,7 @@ class LlmConfig:
     max_position_embeddings: int = 4096
 
     def __post_init__(self):
-        _check_attention(self)
+        self.check_attention()
         _check_positive(self, "num_hidden_layers", "vocab_size", "max_position_embeddings")
         _check_size("additional_vocab_size", self.additional_vocab_size, low=0)
         _check_eps(self)
@@ -375,11 +375,7 @@ class ImageProcessorConfig:
         object.__setattr__(self, "overlap_margins", tuple(self.overlap_margins))
         _check_positive(self, "image_patch_size", "image_pooling_h", "image_pooling_w", "max_crops",
                         "max_multi_image_crops")
-        if len(self.base_image_input_size) != 2:
-            raise ConfigError(f"field 'base_image_input_size' must be [height, width], "
-                              f"got {list(self.base_image_input_size)}")
-        for side in self.base_image_input_size:
-            _check_size("base_image_input_size", side)
+        _check_image_size("base_image_input_size", self.base_image_input_size)
         h, w = self.base_image_input_size
         if h != w:
             raise ConfigError(f"base_image_input_size must be square, got {self.base_image_input_size}")
