@@ -59,6 +59,11 @@ class WeightFiles:
                               "(a MolmoAct checkpoint folder as released on Hugging Face)")
 
 
+def _listed(items: list[str], most: int = 20) -> str:
+    """At most ``most`` items: a config with thousands of layers must not produce a megabyte error."""
+    return str(items[:most])[:-1] + f", ... and {len(items) - most} more]" if len(items) > most else str(items)
+
+
 def _problems(expected: dict[str, torch.Size], found: dict[str, tuple[int, ...]]) -> list[str]:
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -66,11 +71,11 @@ def _problems(expected: dict[str, torch.Size], found: dict[str, tuple[int, ...]]
                   for k in sorted(set(expected) & set(found)) if tuple(expected[k]) != tuple(found[k])]
     out = []
     if missing:
-        out.append(f"missing keys ({len(missing)}): {missing}")
+        out.append(f"missing keys ({len(missing)}): {_listed(missing)}")
     if unexpected:
-        out.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        out.append(f"unexpected keys ({len(unexpected)}): {_listed(unexpected)}")
     if mismatched:
-        out.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
+        out.append(f"shape mismatches ({len(mismatched)}): {_listed(mismatched)}")
     return out
 
 
@@ -101,7 +106,7 @@ def _dtype_problems(dtypes: dict[str, str], declared: str | None, where: dict[st
     if wrong:
         out.append(f"non-floating-point tensors ({len(wrong)}; MolmoAct weights are {'/'.join(FLOAT_DTYPES)}, "
                    f"so the header was altered or this is not a MolmoAct checkpoint): "
-                   f"{[f'{k}: {dtypes[k]} in {where[k].name}' for k in wrong]}")
+                   f"{_listed([f'{k}: {dtypes[k]} in {where[k].name}' for k in wrong])}")
     floats = {k: t for k, t in dtypes.items() if t in FLOAT_DTYPES}
     if declared is not None:
         odd = sorted(k for k, t in floats.items() if t not in (declared, "F32"))
@@ -113,7 +118,7 @@ def _dtype_problems(dtypes: dict[str, str], declared: str | None, where: dict[st
         why = f"every other tensor is {majority}"
     if odd:
         out.append(f"tensors in another dtype than the checkpoint's ({len(odd)}; {why}; their bytes would be "
-                   f"read as other numbers): {[f'{k}: {dtypes[k]} in {where[k].name}' for k in odd]}")
+                   f"read as other numbers): {_listed([f'{k}: {dtypes[k]} in {where[k].name}' for k in odd])}")
     return out
 
 

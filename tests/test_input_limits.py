@@ -121,3 +121,25 @@ def test_generate_refuses_a_long_run_in_one_line(bundle_a, fixture_a):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0
     assert len(lines) == 1 and lines[0].startswith("error: ") and "max_position_embeddings" in lines[0], proc.stderr
+
+
+def test_more_images_than_positions_are_refused_before_preprocessing(spec):
+    # 20 images x 212 tokens (each global view: 14 rows of 14 <im_patch> + <im_col>, plus start/end;
+    # MOLMOACT.md section 3) > 4096. Objects that are not images show nothing is preprocessed first.
+    with pytest.raises(ValueError, match=r"20 images need at least 4240 positions \(212 each\)"):
+        spec.inputs([object()] * 20, "close the box", template="multi")
+
+
+def test_checkpoint_config_at_the_size_limit_fails_with_a_bounded_message(checkpoint_a, tmp_path):
+    from molmoact_edge.export.checkpoint import CheckpointError, load_model
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    shutil.copy(checkpoint_a / "model.safetensors", d)
+    raw = json.loads((checkpoint_a / "config.json").read_text())
+    raw["llm_config"]["num_hidden_layers"] = 512  # the largest accepted: built, then refused by its weights
+    # (510 blocks the file lacks x 7 tensors per block, MOLMOACT.md section 5)
+    (d / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"missing keys \(3570\): \[.*, \.\.\. and 3550 more\]") as e:
+        load_model(d)
+    assert len(str(e.value)) < 5000

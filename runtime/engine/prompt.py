@@ -114,6 +114,18 @@ class ModelInputs:
         return self.vision.n_tokens
 
 
+def _check_image_count(n_images: int, image_cfg: ImageProcessorConfig, proc_cfg: ProcessorConfig,
+                       max_positions: int) -> None:
+    """Refuse more images than the model has positions for before any of them is preprocessed:
+    each image's global view alone takes a fixed block of tokens (MolmoAct-7B: 212)."""
+    rows = -(-image_cfg.crop_patches // image_cfg.image_pooling_h)
+    cols = -(-image_cfg.crop_patches // image_cfg.image_pooling_w)
+    per_image = rows * (cols + int(proc_cfg.use_col_tokens)) + 2
+    if n_images * per_image > max_positions:
+        raise InputError(f"{n_images} images need at least {n_images * per_image} positions ({per_image} each), "
+                         f"more than the model's max_position_embeddings ({max_positions}); use fewer images")
+
+
 def build_inputs(images, instruction: str, tokenizer: Tokenizer, image_cfg: ImageProcessorConfig,
                  proc_cfg: ProcessorConfig, template: str | None = None,
                  max_positions: int | None = None) -> ModelInputs:
@@ -128,6 +140,8 @@ def build_inputs(images, instruction: str, tokenizer: Tokenizer, image_cfg: Imag
     multi = template == "multi"
     check_instruction(instruction, tokenizer)
     text = chat_wrap(instruction_prompt(instruction, template), proc_cfg)
+    if max_positions is not None:
+        _check_image_count(len(images), image_cfg, proc_cfg, max_positions)
     vision = preprocess_images(images, image_cfg, multi=multi)
     blocks = [image_block(item.grids, proc_cfg.use_col_tokens) for item in vision.per_image]
     if multi:
