@@ -120,3 +120,15 @@ def test_generate_reports_a_bad_image_in_one_line(kind, tmp_path, checkpoint_a):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], proc.stderr
+
+
+def test_out_of_memory_while_preprocessing_is_one_error(checkpoint_a, monkeypatch):
+    from molmoact_edge.runtime.engine import preprocess
+    from molmoact_edge.runtime.engine.config import ImageProcessorConfig
+
+    def no_memory(*args):
+        raise MemoryError
+    monkeypatch.setattr(preprocess, "resize_bilinear_uint8", no_memory)
+    with pytest.raises(ImageError, match=r"not enough memory to preprocess images of sizes \[\(480, 640, 3\)\]"):
+        preprocess.preprocess_images([np.zeros((480, 640, 3), dtype=np.uint8)],
+                                     ImageProcessorConfig.load(checkpoint_a), multi=False)

@@ -190,7 +190,12 @@ def preprocess_images(images, cfg: ImageProcessorConfig, multi: bool) -> VisionI
     if not images:
         raise ImageError("at least one image is required")
     max_crops = cfg.max_multi_image_crops if multi else cfg.max_crops
-    per_image = tuple(preprocess_image(im, cfg, max_crops) for im in images)
+    try:
+        per_image = tuple(preprocess_image(im, cfg, max_crops) for im in images)
+    except MemoryError:  # the resize holds a float32 copy of the full image: 4x its uint8 size
+        shapes = [getattr(im, "shape", getattr(im, "size", "?")) for im in images]
+        raise ImageError(f"not enough memory to preprocess images of sizes {shapes}; downscale them "
+                         "or free memory") from None
     offset, pooled = 0, []
     for item in per_image:
         # The official processor shifts the padding entries (-1) too, so from the second image on

@@ -113,9 +113,9 @@ class Tokenizer:
         return tuple(decoder[i].content for i in sorted(decoder))
 
     def added_tokens_in(self, text: str) -> list[str]:
-        """The added tokens that ``encode(text)`` would produce as single ids, in order of first
-        appearance. Tokens flagged ``normalized`` match the normalised text (as the Rust tokenizer
-        matches them), the others the raw text."""
+        """The added tokens whose text occurs in ``text`` (``encode`` turns such an occurrence into
+        the token's id), in order of first appearance. Tokens flagged ``normalized`` are looked for
+        in the normalised text, as the Rust tokenizer matches them; the others in the raw text."""
         normalizer = self._tok.normalizer
         normalized = normalizer.normalize_str(text) if normalizer is not None else text
         found = {}
