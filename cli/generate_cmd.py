@@ -36,19 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load_images(paths):
-    from PIL import Image, UnidentifiedImageError
+    from molmoact_edge.runtime.engine.images import ImageError, load_image
 
-    images = []
-    for path in paths:
-        if not path.exists():
-            raise SystemExit(f"error: image {path} does not exist")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                images.append(im.convert("RGB"))
-        except UnidentifiedImageError:
-            raise SystemExit(f"error: {path} is not an image file PIL can read (PNG/JPEG expected)")
-    return images
+    try:
+        return [load_image(path) for path in paths]
+    except ImageError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def open_pipeline(args):
@@ -121,9 +114,14 @@ def run(args) -> int:
     from molmoact_edge.runtime.engine.deps import BackendUnavailable
     from molmoact_edge.runtime.engine.grammar import GrammarError, OutputGrammar
     from molmoact_edge.runtime.engine.parser import parse_step
+    from molmoact_edge.runtime.engine.prompt import InputError, check_instruction
 
     if args.max_new_tokens < 1:
         raise SystemExit("error: --max-new-tokens must be >= 1")
+    try:
+        check_instruction(args.instruction)
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
     images = _load_images(args.image)
     steer = None
     if args.steer_trace is not None:

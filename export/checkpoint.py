@@ -59,6 +59,11 @@ class WeightFiles:
                               "(a MolmoAct checkpoint folder as released on Hugging Face)")
 
 
+def _listed(items: list[str], most: int = 20) -> str:
+    """At most ``most`` items: a config with thousands of layers must not produce a megabyte error."""
+    return str(items[:most])[:-1] + f", ... and {len(items) - most} more]" if len(items) > most else str(items)
+
+
 def _problems(expected: dict[str, torch.Size], found: dict[str, tuple[int, ...]]) -> list[str]:
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
@@ -66,11 +71,54 @@ def _problems(expected: dict[str, torch.Size], found: dict[str, tuple[int, ...]]
                   for k in sorted(set(expected) & set(found)) if tuple(expected[k]) != tuple(found[k])]
     out = []
     if missing:
-        out.append(f"missing keys ({len(missing)}): {missing}")
+        out.append(f"missing keys ({len(missing)}): {_listed(missing)}")
     if unexpected:
-        out.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        out.append(f"unexpected keys ({len(unexpected)}): {_listed(unexpected)}")
     if mismatched:
-        out.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
+        out.append(f"shape mismatches ({len(mismatched)}): {_listed(mismatched)}")
+    return out
+
+
+# safetensors dtype names of the floating-point formats a MolmoAct checkpoint is saved in, and the
+# config.json ``torch_dtype`` (``dtype`` in newer transformers) names that map to them.
+FLOAT_DTYPES = ("F32", "BF16", "F16")
+_CONFIG_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _declared_dtype(d: Path) -> str | None:
+    """The safetensors dtype config.json says the weights were saved in, or None if it says nothing."""
+    raw = json.loads((d / "config.json").read_text())  # already parsed once by ModelConfig.load
+    name = raw.get("torch_dtype", raw.get("dtype"))
+    if name is None:
+        return None
+    if not isinstance(name, str) or name not in _CONFIG_DTYPES:
+        raise CheckpointError(f"{d / 'config.json'}: torch_dtype {name!r} is not one of {sorted(_CONFIG_DTYPES)}")
+    return _CONFIG_DTYPES[name]
+
+
+def _dtype_problems(dtypes: dict[str, str], declared: str | None, where: dict[str, Path]) -> list[str]:
+    """A header dtype other than the one the weights were saved in makes the same bytes read as other
+    numbers (BF16 relabelled F16 or I16 loads without error, as garbage): refuse it by tensor name.
+    The saved dtype is config.json's torch_dtype, or else the one all other tensors share; F32 is
+    also accepted where BF16/F16 is declared, since it holds their values exactly (an upcast copy)."""
+    out = []
+    wrong = sorted(k for k, t in dtypes.items() if t not in FLOAT_DTYPES)
+    if wrong:
+        out.append(f"non-floating-point tensors ({len(wrong)}; MolmoAct weights are {'/'.join(FLOAT_DTYPES)}, "
+                   f"so the header was altered or this is not a MolmoAct checkpoint): "
+                   f"{_listed([f'{k}: {dtypes[k]} in {where[k].name}' for k in wrong])}")
+    floats = {k: t for k, t in dtypes.items() if t in FLOAT_DTYPES}
+    if declared is not None:
+        odd = sorted(k for k, t in floats.items() if t not in (declared, "F32"))
+        why = f"config.json torch_dtype says {declared}"
+    else:
+        counts = {t: sum(1 for v in floats.values() if v == t) for t in set(floats.values())}
+        majority = max(sorted(counts), key=counts.get) if counts else None
+        odd = sorted(k for k, t in floats.items() if t != majority)
+        why = f"every other tensor is {majority}"
+    if odd:
+        out.append(f"tensors in another dtype than the checkpoint's ({len(odd)}; {why}; their bytes would be "
+                   f"read as other numbers): {_listed([f'{k}: {dtypes[k]} in {where[k].name}' for k in odd])}")
     return out
 
 
@@ -89,6 +137,7 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
     expected = {k: v.shape for k, v in model.state_dict().items()}
 
     shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
     by_file: dict[Path, list[str]] = {}
     for k, p in files.key_to_file.items():
         by_file.setdefault(p, []).append(k)
@@ -101,8 +150,9 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
                     if k not in present:
                         raise CheckpointError(f"{path} does not contain {k!r} although the index says so; "
                                               "re-download the shard")
-                    shapes[k] = tuple(f.get_slice(k).get_shape())
-                    if k in expected and shapes[k] == tuple(expected[k]):
+                    header = f.get_slice(k)
+                    shapes[k], dtypes[k] = tuple(header.get_shape()), header.get_dtype()
+                    if k in expected and shapes[k] == tuple(expected[k]) and dtypes[k] in FLOAT_DTYPES:
                         # copy=True: never keep views into a memory-mapped file that may change underneath
                         tensors[k] = f.get_tensor(k).to(device=device, dtype=dtype, copy=True)
         except CheckpointError:
@@ -110,7 +160,7 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
         except Exception as e:
             raise CheckpointError(f"{path} could not be read ({e}); it is probably truncated or corrupt: "
                                   "re-download it") from e
-    problems = _problems(expected, shapes)
+    problems = _problems(expected, shapes) + _dtype_problems(dtypes, _declared_dtype(d), files.key_to_file)
     if problems:
         raise CheckpointError(f"{d} does not match its config.json:\n  " + "\n  ".join(problems))
     for k, t in tensors.items():

@@ -84,3 +84,50 @@ def test_invalid_json_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json is not valid JSON"):
         ModelConfig.load(tmp_path)
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    # A corrupt or hostile config must fail on the field, not hang or allocate terabytes later.
+    ("llm_config", "num_hidden_layers", 10**6, "'num_hidden_layers' = 1000000 exceeds the limit of 512"),
+    ("llm_config", "num_hidden_layers", 10**9, "'num_hidden_layers' = 1000000000 exceeds the limit"),
+    ("vit_config", "num_hidden_layers", 10**6, "vit_config: field 'num_hidden_layers' = 1000000 exceeds"),
+    ("llm_config", "max_position_embeddings", 10**9, "'max_position_embeddings' = 1000000000 exceeds the limit"),
+    ("llm_config", "vocab_size", 10**9, "'vocab_size' = 1000000000 exceeds the limit"),
+    ("llm_config", "layer_norm_eps", -1, "llm_config: field 'layer_norm_eps' must be a small positive number"),
+    ("llm_config", "layer_norm_eps", 0, "'layer_norm_eps' must be a small positive number"),
+    ("vit_config", "layer_norm_eps", -1e-6, "vit_config: field 'layer_norm_eps' must be a small positive"),
+    ("llm_config", "rope_theta", float("inf"), "'rope_theta' must be a positive finite number"),
+    ("vit_config", "image_default_input_size", [10**6, 10**6], "'image_default_input_size' = 1000000 exceeds"),
+    # The attention checks are shared by the three block types: the adapter gets them too.
+    ("adapter_config", "num_key_value_heads", 3, "adapter_config: num_attention_heads must be a multiple"),
+    ("adapter_config", "num_attention_heads", 3, "adapter_config: num_attention_heads \\* head_dim must equal"),
+    ("vit_config", "hidden_act", "relu", "vit_config: field 'hidden_act' = 'relu'"),
+])
+def test_sizes_are_bounded_and_named(raw, section, key, value, message):
+    bad = copy.deepcopy(raw)
+    bad[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict(bad)
+
+
+def test_image_processor_sizes_are_bounded(checkpoint_a, tmp_path):
+    raw = json.loads((checkpoint_a / "preprocessor_config.json").read_text())
+    for key, value, message in [("max_crops", 10**6, "'max_crops' = 1000000 exceeds the limit of 64"),
+                                ("base_image_input_size", [10**5, 10**5], "'base_image_input_size' = 100000 exceeds")]:
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps({**raw, key: value}))
+        with pytest.raises(ConfigError, match=message):
+            ImageProcessorConfig.load(tmp_path)
+
+
+def test_molmoact_7b_sizes_are_within_the_limits(raw):
+    # The released 7B-D's sizes (MOLMOACT.md sections 2-4) on the fixture's config: the bounds must
+    # not refuse the model this project exists for.
+    big = copy.deepcopy(raw)
+    big["llm_config"].update(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                             head_dim=128, intermediate_size=18944, max_position_embeddings=4096)
+    big["vit_config"].update(hidden_size=1152, num_attention_heads=16, num_key_value_heads=16, head_dim=72,
+                             intermediate_size=4304, num_hidden_layers=27)
+    big["adapter_config"].update(hidden_size=1152, num_attention_heads=16, num_key_value_heads=16, head_dim=72,
+                                 intermediate_size=18944, text_hidden_size=3584)
+    cfg = ModelConfig.from_dict(big)
+    assert cfg.llm.num_hidden_layers == 28 and cfg.llm.kv_dim == 512 and cfg.vit.hidden_size == 1152

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,61 @@ def _build(cls, data: dict[str, Any], where: str):
         raise ConfigError(f"{where}: {e}") from None
 
 
+# Upper bounds on every size a config declares, checked before anything is allocated or built. A
+# corrupt or hostile config.json (10^6 layers, 10^9 positions) must fail here with the field named,
+# not hang while the model is built or crash in a terabyte allocation. The bounds are generous but
+# finite: several times the largest open models of this kind (MolmoAct-7B: LLM 28 layers, hidden
+# 3584, MLP 18944, 28 heads / 4 KV heads of 128, vocab 152064 + 128, 4096 positions; SigLIP ViT
+# 27 layers, hidden 1152, 729 positions; Llama-3.1-405B, the largest dense open LLM: 126 layers,
+# hidden 16384, MLP 53248, 128 heads).
+SIZE_LIMITS: dict[str, int] = {
+    "hidden_size": 32768,
+    "intermediate_size": 262144,
+    "text_hidden_size": 32768,
+    "num_hidden_layers": 512,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 1024,
+    "vocab_size": 1 << 21,
+    "additional_vocab_size": 1 << 16,
+    "max_position_embeddings": 1 << 20,  # 7B: 4096; a million positions is far beyond any RoPE we support
+    "image_patch_size": 128,
+    "image_num_pos": 1 << 16,
+    "image_pooling_h": 16,
+    "image_pooling_w": 16,
+    "max_crops": 64,  # 7B: 8; each crop is a full ViT pass
+    "max_multi_image_crops": 64,  # 7B: 4
+    "image_side": 8192,  # image_default_input_size / base_image_input_size, per side (7B: 378)
+}
+
+
+def _check_size(name: str, v, low: int = 1, limit_key: str | None = None) -> None:
+    """``v`` is an integer in [low, SIZE_LIMITS[limit_key or name]]; the error names the field and the bound."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ConfigError(f"field {name!r} must be {kind}, got {v!r}")
+    limit = SIZE_LIMITS[limit_key or name]
+    if v > limit:
+        raise ConfigError(f"field {name!r} = {v} exceeds the limit of {limit} (MolmoAct-7B's sizes are far "
+                          "below it); this config is corrupt or describes a model this runtime cannot hold")
+
+
 def _check_positive(obj, *names: str) -> None:
     for n in names:
-        v = getattr(obj, n)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"field {n!r} must be a positive integer, got {v!r}")
+        _check_size(n, getattr(obj, n))
+
+
+def _check_eps(obj) -> None:
+    v = obj.layer_norm_eps
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+        raise ConfigError(f"field 'layer_norm_eps' must be a small positive number (MolmoAct: 1e-6), got {v!r}")
+
+
+def _check_image_size(name: str, size: tuple) -> None:
+    if len(size) != 2:
+        raise ConfigError(f"field {name!r} must be [height, width], got {list(size)}")
+    for side in size:
+        _check_size(name, side, limit_key="image_side")
 
 
 def _check_equal(obj, name: str, accepted) -> None:
@@ -75,13 +126,34 @@ ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 
 
 @dataclass(frozen=True)
-class VitConfig:
+class AttentionConfig:
+    """The attention and MLP geometry the ViT, the adapter's pooling attention and the LLM share;
+    each subclass declares its own ``hidden_act`` default and calls :meth:`check_attention`."""
+
     hidden_size: int
     intermediate_size: int
-    num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
+
+    def check_attention(self) -> None:
+        """Sizes bounded, heads x head_dim = hidden, query heads grouped evenly over the key/value
+        heads, a supported activation."""
+        _check_positive(self, "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                        "head_dim")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"field 'hidden_act' = {self.hidden_act!r}; accepted: {ACTIVATIONS}")
+        if self.num_attention_heads * self.head_dim != self.hidden_size:
+            raise ConfigError("num_attention_heads * head_dim must equal hidden_size "
+                              f"({self.num_attention_heads} * {self.head_dim} != {self.hidden_size})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads "
+                              f"({self.num_attention_heads} % {self.num_key_value_heads} != 0)")
+
+
+@dataclass(frozen=True)
+class VitConfig(AttentionConfig):
+    num_hidden_layers: int
     image_default_input_size: tuple[int, int]
     image_patch_size: int
     image_num_pos: int
@@ -94,15 +166,10 @@ class VitConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "image_default_input_size", tuple(self.image_default_input_size))
-        _check_positive(self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                        "num_key_value_heads", "head_dim", "image_patch_size", "image_num_pos")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(f"field 'hidden_act' = {self.hidden_act!r}; accepted: {ACTIVATIONS}")
-        if self.num_attention_heads * self.head_dim != self.hidden_size:
-            raise ConfigError("num_attention_heads * head_dim must equal hidden_size "
-                              f"({self.num_attention_heads} * {self.head_dim} != {self.hidden_size})")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+        self.check_attention()
+        _check_positive(self, "num_hidden_layers", "image_patch_size", "image_num_pos")
+        _check_eps(self)
+        _check_image_size("image_default_input_size", self.image_default_input_size)
         h, w = self.image_default_input_size
         if h % self.image_patch_size or w % self.image_patch_size:
             raise ConfigError(f"image_default_input_size {self.image_default_input_size} is not a multiple "
@@ -124,14 +191,9 @@ class VitConfig:
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(AttentionConfig):
     vit_layers: tuple[int, ...]
-    hidden_size: int
-    intermediate_size: int
     text_hidden_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     hidden_act: str = "silu"
     float32_attention: bool = True
     image_padding_embed: str | None = None
@@ -140,23 +202,14 @@ class AdapterConfig:
         object.__setattr__(self, "vit_layers", tuple(int(v) for v in self.vit_layers))
         if not self.vit_layers:
             raise ConfigError("field 'vit_layers' must list at least one ViT layer")
-        _check_positive(self, "hidden_size", "intermediate_size", "text_hidden_size", "num_attention_heads",
-                        "num_key_value_heads", "head_dim")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(f"field 'hidden_act' = {self.hidden_act!r}; accepted: {ACTIVATIONS}")
-        if self.num_attention_heads * self.head_dim != self.hidden_size:
-            raise ConfigError("num_attention_heads * head_dim must equal hidden_size")
+        self.check_attention()
+        _check_positive(self, "text_hidden_size")
         _check_equal(self, "image_padding_embed", None)
 
 
 @dataclass(frozen=True)
-class LlmConfig:
-    hidden_size: int
-    intermediate_size: int
+class LlmConfig(AttentionConfig):
     num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     vocab_size: int
     additional_vocab_size: int
     rope_theta: float
@@ -169,20 +222,13 @@ class LlmConfig:
     max_position_embeddings: int = 4096
 
     def __post_init__(self):
-        _check_positive(self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                        "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings")
-        if not isinstance(self.additional_vocab_size, int) or self.additional_vocab_size < 0:
-            raise ConfigError(f"field 'additional_vocab_size' must be an integer >= 0, got {self.additional_vocab_size!r}")
-        if self.num_attention_heads * self.head_dim != self.hidden_size:
-            raise ConfigError("num_attention_heads * head_dim must equal hidden_size "
-                              f"({self.num_attention_heads} * {self.head_dim} != {self.hidden_size})")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads "
-                              f"({self.num_attention_heads} % {self.num_key_value_heads} != 0)")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(f"field 'hidden_act' = {self.hidden_act!r}; accepted: {ACTIVATIONS}")
-        if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ConfigError(f"field 'rope_theta' must be a positive number, got {self.rope_theta!r}")
+        self.check_attention()
+        _check_positive(self, "num_hidden_layers", "vocab_size", "max_position_embeddings")
+        _check_size("additional_vocab_size", self.additional_vocab_size, low=0)
+        _check_eps(self)
+        if (isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float))
+                or not 0 < self.rope_theta < math.inf):
+            raise ConfigError(f"field 'rope_theta' must be a positive finite number, got {self.rope_theta!r}")
         _check_equal(self, "norm_after", False)
         _check_equal(self, "use_qk_norm", False)
         _check_equal(self, "rope_scaling", None)
@@ -329,6 +375,7 @@ class ImageProcessorConfig:
         object.__setattr__(self, "overlap_margins", tuple(self.overlap_margins))
         _check_positive(self, "image_patch_size", "image_pooling_h", "image_pooling_w", "max_crops",
                         "max_multi_image_crops")
+        _check_image_size("base_image_input_size", self.base_image_input_size)
         h, w = self.base_image_input_size
         if h != w:
             raise ConfigError(f"base_image_input_size must be square, got {self.base_image_input_size}")

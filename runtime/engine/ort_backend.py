@@ -10,15 +10,41 @@ lookup is a host-side gather from a memory-mapped table (only the rows of the ne
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 from molmoact_edge.runtime.engine.bundle import BundleError, Manifest, check_signature
-from molmoact_edge.runtime.engine.config import ModelConfig
+from molmoact_edge.runtime.engine.config import ConfigError, ModelConfig
 from molmoact_edge.runtime.engine.deps import import_backend
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(bfloat16)": "bfloat16", "tensor(int32)": "int32"}
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every platform reports it
+        return None
+
+
+def _check_kv_size(positions: int, max_positions: int, row: tuple, dtype: np.dtype) -> None:
+    """Refuse a KV cache the model has no positions for, or that this machine could never hold,
+    before allocating it (a corrupt config would otherwise end in a terabyte allocation)."""
+    if not isinstance(positions, (int, np.integer)) or positions < 1:
+        raise ValueError(f"max_seq_len must be a positive integer, got {positions!r}")
+    if positions > max_positions:
+        raise ConfigError(f"prompt + max_new_tokens need {positions} positions, more than the model's "
+                          f"max_position_embeddings ({max_positions}, config.json llm_config); shorten the "
+                          "instruction or lower --max-new-tokens")
+    need = int(positions) * int(np.prod(row, dtype=np.int64)) * dtype.itemsize
+    have = _physical_memory()
+    if have is not None and need > have:
+        raise ConfigError(f"the KV cache for {positions} positions ({list(row)} {dtype} per position) would take "
+                          f"{need / 2**30:.1f} GiB, more than this machine's {have / 2**30:.1f} GiB of memory; "
+                          "lower --max-new-tokens, or check num_hidden_layers / num_key_value_heads / head_dim "
+                          "in the bundle's config.json")
 
 
 def _io(items):
@@ -50,6 +76,7 @@ class OrtBackend:
         self.embed_dtype = np.dtype(dict((t.name, t.dtype) for t in manifest.graphs["llm"].inputs)["inputs_embeds"])
         self.patch_id = config.image_patch_id
         self.kv_row = tuple(manifest.kv_shape[1:])
+        self.max_positions = config.llm.max_position_embeddings
         self.kv: np.ndarray | None = None
         self.reset_stats()
 
@@ -63,6 +90,7 @@ class OrtBackend:
 
     def reset(self, max_seq_len: int) -> None:
         if self.kv is None or self.kv.shape[0] < max_seq_len:
+            _check_kv_size(max_seq_len, self.max_positions, self.kv_row, self.kv_dtype)
             self.kv = np.zeros((max_seq_len, *self.kv_row), dtype=self.kv_dtype)
 
     def forward(self, token_ids: np.ndarray, start_pos: int, image_features: np.ndarray | None = None,

@@ -41,7 +41,8 @@ class ModelSpec:
                    Tokenizer.from_checkpoint(d))
 
     def inputs(self, images, instruction: str, template: str | None = None) -> ModelInputs:
-        return build_inputs(images, instruction, self.tokenizer, self.image, self.processor, template)
+        return build_inputs(images, instruction, self.tokenizer, self.image, self.processor, template,
+                            max_positions=self.config.llm.max_position_embeddings)
 
 
 @dataclass

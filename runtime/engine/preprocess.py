@@ -17,18 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from molmoact_edge.runtime.engine.config import ImageProcessorConfig
-
-
-class ImageError(ValueError):
-    """An input image that cannot be used; the message says what was received and what is expected."""
+from molmoact_edge.runtime.engine.images import ImageError, check_pixels, pil_to_rgb_uint8
 
 
 def as_rgb_uint8(image) -> np.ndarray:
     """Accept an HxWx3 uint8 array or a PIL image; anything else is refused with the reason."""
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image without importing PIL here
-        from PIL import ImageOps
-
-        image = np.asarray(ImageOps.exif_transpose(image.convert("RGB")))
+        image = pil_to_rgb_uint8(image)
     if not isinstance(image, np.ndarray):
         raise ImageError(f"expected an HxWx3 uint8 array or a PIL image, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3:
@@ -37,6 +32,7 @@ def as_rgb_uint8(image) -> np.ndarray:
         raise ImageError(f"expected uint8 pixels, got {image.dtype} (convert with (x*255).round().astype(np.uint8))")
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ImageError(f"empty image of shape {image.shape}")
+    check_pixels(image.shape[1], image.shape[0])
     return image
 
 
@@ -194,7 +190,12 @@ def preprocess_images(images, cfg: ImageProcessorConfig, multi: bool) -> VisionI
     if not images:
         raise ImageError("at least one image is required")
     max_crops = cfg.max_multi_image_crops if multi else cfg.max_crops
-    per_image = tuple(preprocess_image(im, cfg, max_crops) for im in images)
+    try:
+        per_image = tuple(preprocess_image(im, cfg, max_crops) for im in images)
+    except MemoryError:  # the resize holds a float32 copy of the full image: 4x its uint8 size
+        shapes = [getattr(im, "shape", getattr(im, "size", "?")) for im in images]
+        raise ImageError(f"not enough memory to preprocess images of sizes {shapes}; downscale them "
+                         "or free memory") from None
     offset, pooled = 0, []
     for item in per_image:
         # The official processor shifts the padding entries (-1) too, so from the second image on

@@ -106,6 +106,26 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    @property
+    def added_tokens(self) -> tuple[str, ...]:
+        """Every token of the file's ``added_tokens`` (special or not), in id order."""
+        decoder = self._tok.get_added_tokens_decoder()
+        return tuple(decoder[i].content for i in sorted(decoder))
+
+    def added_tokens_in(self, text: str) -> list[str]:
+        """The added tokens whose text occurs in ``text`` (``encode`` turns such an occurrence into
+        the token's id), in order of first appearance. Tokens flagged ``normalized`` are looked for
+        in the normalised text, as the Rust tokenizer matches them; the others in the raw text."""
+        normalizer = self._tok.normalizer
+        normalized = normalizer.normalize_str(text) if normalizer is not None else text
+        found = {}
+        for token in self._tok.get_added_tokens_decoder().values():
+            where = normalized if token.normalized else text
+            at = where.find(token.content)
+            if at >= 0:
+                found[token.content] = at
+        return sorted(found, key=lambda t: (found[t], -len(t)))
+
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(int(i))
 
