@@ -68,7 +68,7 @@ class Pipeline:
         t0 = time.perf_counter()
         inputs = self.spec.inputs(images, instruction, template)
         pre_ms = (time.perf_counter() - t0) * 1e3
-        state = grammar.start(trace=steer_trace) if grammar is not None else None
+        state = grammar.start(trace=steer_trace, max_tokens=max_new_tokens) if grammar is not None else None
         timed = None if on_event is None else (lambda ev: on_event((time.perf_counter() - t0) * 1e3, ev))
         result = generate(self.backend, inputs, self.spec.tokenizer.special.eos, max_new_tokens,
                           grammar_state=state, on_event=timed, preprocess_ms=pre_ms)
