@@ -9,29 +9,18 @@ from conftest import CASES, GoldenCase, run_generate_json
 from grammar_answers import action_table, answers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_constrain import TargetLogits, decode, noise
+from test_constrain import TargetLogits, decode, decoder, grammar, noise  # noqa: F401  (fixtures)
 
-from molmoact_edge.runtime.engine.actions import ActionDecoder
-from molmoact_edge.runtime.engine.grammar import GrammarError, OutputGrammar
+from molmoact_edge.runtime.engine.grammar import GrammarError
 from molmoact_edge.runtime.engine.parser import parse_step
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                            HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module")
-def decoder(config_a, tokenizer_a):
-    return ActionDecoder.from_checkpoint(config_a, tokenizer_a)
-
-
-@pytest.fixture(scope="module")
-def grammar(tokenizer_a, decoder):
-    return OutputGrammar.from_tokenizer(tokenizer_a, 7, max_actions=8, glue_budget=64, decoder=decoder)
-
-
 @SETTINGS
 @given(ans=answers(action_dim=7, max_actions=8), seed=st.integers(0, 2**32 - 1))
-def test_an_answer_that_fits_the_budget_is_never_changed(grammar, tokenizer_a, ans, seed):
+def test_an_answer_that_fits_the_budget_is_never_changed(grammar, tokenizer_a, ans, seed):  # noqa: F811
     target = ans.token_ids(tokenizer_a, action_table(tokenizer_a))
     got = decode(TargetLogits(target, seed), tokenizer_a.special.eos, grammar.start(max_tokens=len(target)))
     assert got == target
@@ -49,7 +38,7 @@ def glue_lover(tokenizer_a, rng):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_rambling_model_finishes_within_any_budget_that_can_hold_an_answer(grammar, tokenizer_a, decoder, seed):
+def test_rambling_model_finishes_within_any_budget_that_can_hold_an_answer(grammar, tokenizer_a, decoder, seed):  # noqa: F811
     shortest = grammar.start().min_to_finish()
     for budget in (shortest, shortest + 1, shortest + 9, 150, 256):
         rng = np.random.default_rng(seed)
@@ -66,7 +55,7 @@ def test_rambling_model_finishes_within_any_budget_that_can_hold_an_answer(gramm
     assert not state.is_complete
 
 
-def test_steered_trace_counts_in_the_budget(grammar, tokenizer_a, decoder):
+def test_steered_trace_counts_in_the_budget(grammar, tokenizer_a, decoder):  # noqa: F811
     steer = [(120, 200), (140, 180), (1, 0)]
     shortest = grammar.start(trace=steer).min_to_finish()
     assert shortest > grammar.start().min_to_finish()
@@ -76,7 +65,7 @@ def test_steered_trace_counts_in_the_budget(grammar, tokenizer_a, decoder):
     assert state.is_complete and step.ok and step.trace == [list(p) for p in steer]
 
 
-def test_budget_must_be_positive(grammar):
+def test_budget_must_be_positive(grammar):  # noqa: F811
     with pytest.raises(GrammarError, match="max_tokens"):
         grammar.start(max_tokens=0)
 
