@@ -21,9 +21,36 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 @SETTINGS
 @given(ans=answers(action_dim=7, max_actions=8), seed=st.integers(0, 2**32 - 1))
 def test_an_answer_that_fits_the_budget_is_never_changed(grammar, tokenizer_a, ans, seed):  # noqa: F811
+    """Fits = would still fit were its trace point and action list written in their longest forms
+    (the budget keeps that much room so that it never has to cut the model's values)."""
     target = ans.token_ids(tokenizer_a, action_table(tokenizer_a))
-    got = decode(TargetLogits(target, seed), tokenizer_a.special.eos, grammar.start(max_tokens=len(target)))
+    start = grammar.start()
+    room = start.to_finish(worst=True) - start.to_finish()
+    got = decode(TargetLogits(target, seed), tokenizer_a.special.eos, grammar.start(max_tokens=len(target) + room))
     assert got == target
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_a_budget_that_holds_the_longest_answer_only_cuts_glue_and_extra_parts(grammar, tokenizer_a, seed):  # noqa: F811
+    """Decoding under a budget of exactly the longest one-point, one-list answer: wherever the
+    budgeted grammar allows less than the unbudgeted one, it is glue, or another trace point or
+    action list ("],"); the values (depth codes, digits, action strings) are never restricted."""
+    budget = grammar.start().to_finish(worst=True)
+    rng = np.random.default_rng(seed)
+    state, free = grammar.start(max_tokens=budget), grammar.start()
+    source = glue_lover(tokenizer_a, rng)
+    out = []
+    while not state.is_complete:
+        allowed, unlimited = state.allowed_ids(), free.allowed_ids()
+        if not np.array_equal(allowed, unlimited):
+            cut = np.setdiff1d(unlimited, allowed)
+            assert state.phase_name.startswith("glue") or cut.tolist() == [grammar.close_point], state.phase_name
+        span = state.forced_span()
+        for t in span or [int(allowed[np.argmax(source(out)[allowed])])]:
+            state.advance(t)
+            free.advance(t)
+            out.append(t)
+    assert len(out) <= budget
 
 
 def glue_lover(tokenizer_a, rng):

@@ -11,6 +11,11 @@ MOLMOACT.md section 8)::
 * GLUE is free text of at most ``glue_budget`` tokens per gap, made of base-vocabulary tokens
   without ``[``, ``]``, ``<`` or ``>`` (so glue can never form a list or a depth tag that the
   official regex parser would pick up). The last gap may end with EOS; EOS is allowed nowhere else.
+* With a token budget (``start(max_tokens=...)``, the decode loop passes ``max_new_tokens``) a
+  choice is allowed only while the shortest completion after it still fits: near the end of the
+  budget glue closes, numbers and action strings take their shortest forms and no further trace
+  point or action list is opened. It only ever removes choices, so every answer it allows is
+  one the unbudgeted grammar allows too.
 * N depth codes (100 = the 10x10 grid) of the tokenizer's ``<DEPTH_k>`` tokens.
 * 1-5 trace points, integers 0..255 written without leading zeros, ``", "`` and ``"], ["``
   between them.
@@ -70,8 +75,8 @@ A_ELEM, A_CLOSE, A_OPEN = range(3)
 
 
 _NO_LIMIT = 1 << 62
-_MIN_POINT = 5  # digit "," " " digit closer: the shortest trace point
-_EXTRA_POINT = 1 + _MIN_POINT  # "]," + " [" + another point, instead of the one closing token
+# a trace point: digits "," " " digits closer, numbers of 1..3 digits
+_POINT = {False: 5, True: 9}  # shortest, longest
 
 
 def _trace_tokens(target, i: int, field: int, digits: str) -> int:
@@ -142,6 +147,11 @@ class _Trie:
             if leaf[n] < 0:
                 mind[n] = 1 + min(mind[c] for c in children[n].values())
         self.min_left = mind
+        # and the most: how long a string the model may still choose from here
+        most = [0] * len(children)
+        for n in range(len(children) - 1, -1, -1):
+            most[n] = max([1 + most[c] for c in children[n].values()], default=0)
+        self.max_left = most
         self.extra = [np.array([1 + mind[children[n][int(t)]] - mind[n] for t in self.ids[n]], dtype=np.int64)
                       for n in range(len(children))]
         self.max_extra = [int(e.max()) if e.size else 0 for e in self.extra]
@@ -294,9 +304,10 @@ class OutputGrammar:
             self.trie_mid = _Trie(contextual(" ", ",", False, "middle element"), "middle element")
             self.trie_last = _Trie(contextual(" ", "]", True, "last element"), "last element", terminated=False)
         tries = [self.trie_first] + [self.trie_mid] * (dim - 2) + ([self.trie_last] if dim > 1 else [])
-        # tail_min[e]: fewest tokens for elements e.. of a list; list_min adds its closing bracket
-        self.tail_min = [sum(t.min_left[0] for t in tries[e:]) for e in range(dim + 1)]
-        self.list_min = self.tail_min[0] + 1
+        # tail[worst][e]: fewest (most) tokens for elements e.. of a list; list_len adds its closer
+        self.tail = {False: [sum(t.min_left[0] for t in tries[e:]) for e in range(dim + 1)],
+                     True: [sum(t.max_left[0] for t in tries[e:]) for e in range(dim + 1)]}
+        self.list_len = {w: self.tail[w][0] + 1 for w in (False, True)}
 
     # -- cursors ------------------------------------------------------------------------------
     def start(self, trace=None, max_tokens: int | None = None) -> GrammarState:
@@ -383,8 +394,9 @@ class GrammarState:
         """Allowed ids (sorted) where they are few; None in free glue (use the precomputed mask)."""
         g, ph = self.g, self.phase
         if ph in (GLUE_DEPTH, GLUE_TRACE, GLUE_ACTION, GLUE_END):
-            # one more glue token costs one token of slack; the exits are on the shortest path
-            closed = self.glue_used >= g.spec.glue_budget or self._slack() < 1
+            # glue only while the longest completion still fits after it: the budget never
+            # shortens the model's numbers or action strings because of its own glue
+            closed = self.glue_used >= g.spec.glue_budget or not self._fits(self.to_finish(worst=True))
             return g.glue_exits[ph] if closed else None
         if ph == DEPTH:
             if len(self.codes) < g.spec.depth_codes:
@@ -418,7 +430,7 @@ class GrammarState:
             ids = g.closers1  # "]," continues the chunk while lists remain, else it is "]" + glue
         else:
             ids = g.closers2_more if more else g.closers2
-        if more and self._slack() < g.list_min + 1:  # no room for another list: "]," is out
+        if more and not self._fits(g.list_len[True] + 2):  # no room for another list: "]," is out
             ids = ids[ids != g.close_point]
         return ids
 
@@ -427,11 +439,14 @@ class GrammarState:
         if t is None:
             more = len(self.points) + 1 < TRACE_MAX_POINTS
             ids = g.number_ids(self.digits, self.field, more)
-            slack = self._slack()
-            if self.digits and slack < _EXTRA_POINT:
-                # another digit costs one token, another point (after "],") _EXTRA_POINT
-                drop = [g.close_point] + (list(g.digit_of) if slack < 1 else [])
-                ids = ids[~np.isin(ids, drop)]
+            if self.digits:
+                # another point ("]," then " [" and the point) only if its longest form fits;
+                # another digit only if the shortest completion still does
+                drop = [] if self._fits(1 + _POINT[True] + self._after_trace(True)) else [g.close_point]
+                if self._slack() < 1:
+                    drop += list(g.digit_of)
+                if drop:
+                    ids = ids[~np.isin(ids, drop)]
             return ids
         want = str(t[len(self.points)][self.field])
         if len(self.digits) < len(want):
@@ -441,16 +456,27 @@ class GrammarState:
         return np.array([g.close_point]) if len(self.points) + 1 < len(t) else g.closers2
 
     # -- the token budget -----------------------------------------------------------------------
+    # Two bounds: optional structure (glue, another trace point, another action list) is allowed
+    # only while the LONGEST completion after it fits, so with a budget that holds one answer's
+    # longest form the model's numbers and action strings are never cut; those values are
+    # limited only when the SHORTEST completion would no longer fit (a budget below that form).
+    def _fits(self, tokens_after_next: int) -> bool:
+        """Whether the budget left after the next token holds ``tokens_after_next`` more."""
+        return self.max_tokens is None or self.max_tokens - self.n_tokens - 1 >= tokens_after_next
+
     def _slack(self) -> int:
         """Tokens of the budget beyond the shortest way to finish the answer from here."""
         if self.max_tokens is None:
             return _NO_LIMIT
-        return self.max_tokens - self.n_tokens - self.min_to_finish()
+        return self.max_tokens - self.n_tokens - self.to_finish()
 
-    def min_to_finish(self) -> int:
-        """The fewest tokens that complete the answer from here, EOS included."""
+    def _after_trace(self, worst: bool) -> int:
+        return 1 + self.g.list_len[worst] + 1  # opener, one list, EOS
+
+    def to_finish(self, worst: bool = False) -> int:
+        """Tokens that complete the answer from here with no glue, one trace point and one action
+        list, EOS included: the fewest, or with ``worst`` the most the model's values may take."""
         g, ph = self.g, self.phase
-        after_trace = 1 + g.list_min + 1  # opener, one list, EOS
         if ph == DONE:
             return 0
         if ph == GLUE_END:
@@ -459,24 +485,30 @@ class GrammarState:
             if self.asub == A_CLOSE:
                 return 2
             if self.asub == A_OPEN:
-                return after_trace
-            return self._trie().min_left[self.node] + g.tail_min[self.elem + 1] + 2
+                return self._after_trace(worst)
+            trie = self._trie()
+            left = trie.max_left if worst else trie.min_left
+            return left[self.node] + g.tail[worst][self.elem + 1] + 2
         if ph == GLUE_ACTION:
-            return after_trace
+            return self._after_trace(worst)
         if ph == TRACE:
-            return self._trace_left() + after_trace
-        to_trace_end = 1 + self._trace_left() + after_trace  # opener + whole trace
+            return self._trace_left(worst) + self._after_trace(worst)
+        to_trace_end = 1 + self._trace_left(worst) + self._after_trace(worst)  # opener + whole trace
         if ph == GLUE_TRACE:
             return to_trace_end
         if ph == DEPTH:
             return g.spec.depth_codes - len(self.codes) + 1 + to_trace_end
         return 1 + g.spec.depth_codes + 1 + to_trace_end  # GLUE_DEPTH
 
-    def _trace_left(self) -> int:
-        """Fewest tokens until the trace's closing bracket, inclusive (the whole trace before it
-        has started)."""
+    def min_to_finish(self) -> int:
+        """The fewest tokens that complete the answer from here, EOS included."""
+        return self.to_finish(worst=False)
+
+    def _trace_left(self, worst: bool) -> int:
+        """Tokens until the trace's closing bracket, inclusive (the whole trace before it has
+        started), for the last point of the trace."""
         if self.phase != TRACE:
-            return _trace_tokens(self.target, 0, 0, "") if self.target else _MIN_POINT
+            return _trace_tokens(self.target, 0, 0, "") if self.target else _POINT[worst]
         if self.target is not None:
             i = len(self.points)
             if self.tsub == T_OPEN:
@@ -484,11 +516,14 @@ class GrammarState:
             if self.tsub == T_SPACE:
                 return 1 + _trace_tokens(self.target, i, 1, "")
             return _trace_tokens(self.target, i, self.field, self.digits)
+        digits = 3 if worst else 1  # a number still to write
         if self.tsub == T_OPEN:
-            return 1 + _MIN_POINT
+            return 1 + _POINT[worst]
         if self.tsub == T_SPACE:
-            return 3  # space, digit, closer
-        return (0 if self.digits else 1) + (1 if self.field == 1 else 4)
+            return 1 + digits + 1
+        if self.digits:  # more digits are optional: up to 3 in all ("0" takes none)
+            digits = 0 if not worst or self.digits == "0" else 3 - len(self.digits)
+        return digits + (1 if self.field == 1 else 2 + (3 if worst else 1) + 1)
 
     def allowed_ids(self) -> np.ndarray:
         """The allowed token ids, ascending (a view of a shared table: do not modify)."""
