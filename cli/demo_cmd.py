@@ -27,10 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from molmoact_edge.export.onnx_export import export_bundle
     from molmoact_edge.export.tiny import synthetic_scene, write_checkpoint
-    from molmoact_edge.generate_cmd import event_dict, parsed_dict, result_dict
-    from molmoact_edge.runtime.engine.actions import ActionDecoder
-    from molmoact_edge.runtime.engine.grammar import OutputGrammar
-    from molmoact_edge.runtime.engine.parser import parse_step, trace_to_pixels
+    from molmoact_edge.runtime.engine.parser import trace_to_pixels
     from molmoact_edge.runtime.engine.pipeline import open_bundle
     from PIL import Image
 
@@ -47,38 +44,30 @@ def run(args) -> int:
     image = synthetic_scene()
     Image.fromarray(image).save(root / "scene.png")
 
-    events = []
-
-    def on_event(t_ms, ev):
-        events.append(event_dict(t_ms, ev))
-        e = events[-1]
+    def on_event(timed):
+        e, t_ms = timed.to_dict(), timed.t_ms
         if e["type"] == "trace":
             px = trace_to_pixels(e["points"], image.shape[1], image.shape[0]).round(1).tolist()
             say(f"  {t_ms:7.1f} ms  trace ready: {e['points']} (pixels {px})")
         elif e["type"] == "depth":
             say(f"  {t_ms:7.1f} ms  depth map ready: {len(e['codes'])} codes")
         elif e["type"] == "action":
-            say(f"  {t_ms:7.1f} ms  action {e['index']}: {[round(v, 4) for v in e['values']]}")
+            say(f"  {t_ms:7.1f} ms  action {e['index']}: {[round(v, 4) for v in e['values'] or e['normalized']]}")
 
     say(f"running one step on {root / 'scene.png'} with the bundle on onnxruntime (grammar-constrained):")
     with open_bundle(bundle) as pipe:
-        spec = pipe.spec
-        grammar = OutputGrammar.from_config(spec.config, spec.tokenizer, max_actions=1)
-        out = pipe.step([image], args.instruction, max_new_tokens=args.max_new_tokens, grammar=grammar,
-                        on_event=on_event)
-    parsed = parse_step(out.text, ActionDecoder.from_checkpoint(spec.config, spec.tokenizer))
-    d = result_dict(out)
-    d.update(parsed_dict(parsed))
-    d.update(checkpoint=str(ckpt), bundle=str(bundle), events=events)
+        res = pipe.act([image], args.instruction, max_new_tokens=args.max_new_tokens, max_actions=1,
+                       on_event=on_event)
+    d = res.to_dict()
+    d.update(checkpoint=str(ckpt), bundle=str(bundle))
     if args.json:
         print(json.dumps(d, ensure_ascii=False))
         return 0
     t = d["timings_ms"]
-    r = out.result
-    print(f"prompt     : {d['prompt_tokens']} tokens ({out.inputs.n_image_tokens} image tokens, template {d['template']})")
-    print(f"generated  : {d['new_tokens']} tokens in {r.forwards} LLM forwards ({r.forced_tokens} forced by the "
+    print(f"prompt     : {d['prompt_tokens']} tokens ({res.inputs.n_image_tokens} image tokens, template {d['template']})")
+    print(f"generated  : {d['new_tokens']} tokens in {res.forwards} LLM forwards ({res.forced_tokens} forced by the "
           f"grammar), stopped on {d['stopped']}")
-    print(f"answer ok  : {parsed.ok} {parsed.parse_errors or ''}")
+    print(f"answer ok  : {res.parsed.ok} {res.parse_errors or ''}")
     print("timings ms : " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + f"  ({d['tokens_per_s']} tok/s)")
     print("(random weights: the values mean nothing; every stage and the answer format are real)")
     return 0

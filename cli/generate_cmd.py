@@ -46,8 +46,6 @@ def _load_images(paths):
 
 def open_pipeline(args):
     """The pipeline for --checkpoint (torch reference) or --bundle (deployed engine)."""
-    from molmoact_edge.runtime.engine.pipeline import ModelSpec, Pipeline
-
     if args.checkpoint is not None:
         if args.backend not in (None, "torch"):
             raise SystemExit("error: --checkpoint runs the torch reference; export a bundle for other backends")
@@ -55,65 +53,20 @@ def open_pipeline(args):
             import torch  # noqa: F401  (only to give a clear message when the export extra is absent)
         except ImportError:
             raise SystemExit("error: --checkpoint needs torch: pip install torch==2.13.0 'molmoact-edge[export]'")
-        from molmoact_edge.export.checkpoint import load_model, parse_dtype
-        from molmoact_edge.export.torch_backend import TorchBackend
+        from molmoact_edge.export.checkpoint import parse_dtype
+        from molmoact_edge.export.torch_backend import open_checkpoint
 
-        spec = ModelSpec.load(args.checkpoint)
-        model = load_model(args.checkpoint, parse_dtype(args.dtype), args.device)
-        return Pipeline(spec, TorchBackend(model, args.device))
+        return open_checkpoint(args.checkpoint, parse_dtype(args.dtype), args.device)
     from molmoact_edge.runtime.engine.pipeline import open_bundle
 
     return open_bundle(args.bundle, backend=args.backend or "onnxruntime")
 
 
-def event_dict(t_ms: float, ev) -> dict:
-    from molmoact_edge.runtime.engine.events import (
-        ActionComplete,
-        DepthComplete,
-        Finished,
-        TraceComplete,
-    )
-
-    d = {"t_ms": round(t_ms, 3)}
-    if isinstance(ev, DepthComplete):
-        d.update(type="depth", codes=list(ev.codes))
-    elif isinstance(ev, TraceComplete):
-        d.update(type="trace", points=[list(p) for p in ev.points], steered=ev.steered)
-    elif isinstance(ev, ActionComplete):
-        vals = ev.values if ev.values is not None else ev.normalized
-        d.update(type="action", index=ev.index, values=[float(v) for v in vals])
-    elif isinstance(ev, Finished):
-        d.update(type="finished", n_actions=ev.n_actions)
-    return d
-
-
-def parsed_dict(parsed) -> dict:
-    return {"depth": parsed.depth, "trace": parsed.trace,
-            "actions": [[float(v) for v in row] for row in parsed.actions], "parse_errors": parsed.parse_errors}
-
-
-def result_dict(out) -> dict:
-    r = out.result
-    return {
-        "token_ids": r.token_ids,
-        "text": out.text,
-        "prompt_tokens": r.prompt_tokens,
-        "new_tokens": len(r.token_ids),
-        "stopped": r.stopped,
-        "template": out.inputs.template,
-        "llm_forwards": r.forwards,
-        "forced_tokens": r.forced_tokens,
-        "timings_ms": {k: round(v, 3) for k, v in r.timings_ms.items()},
-        "tokens_per_s": round(r.tokens_per_s, 2),
-    }
-
-
 def run(args) -> int:
-    from molmoact_edge.runtime.engine.actions import ActionDecoder
     from molmoact_edge.runtime.engine.config import ConfigError
     from molmoact_edge.runtime.engine.deps import BackendUnavailable
-    from molmoact_edge.runtime.engine.grammar import GrammarError, OutputGrammar
-    from molmoact_edge.runtime.engine.parser import parse_step
+    from molmoact_edge.runtime.engine.generate import NonFiniteError
+    from molmoact_edge.runtime.engine.grammar import GrammarError
     from molmoact_edge.runtime.engine.prompt import InputError, check_instruction
 
     if args.max_new_tokens < 1:
@@ -129,42 +82,34 @@ def run(args) -> int:
             steer = [tuple(int(v) for v in pt) for pt in json.loads(args.steer_trace)]
         except (json.JSONDecodeError, TypeError, ValueError):
             raise SystemExit(f"error: --steer-trace must be a JSON list of [x, y] integer pairs, got {args.steer_trace!r}")
-    events = []
 
-    def on_event(t_ms, ev):
-        events.append(event_dict(t_ms, ev))
+    def stream(ev):
         if args.stream:
-            print(json.dumps(events[-1]), file=sys.stderr, flush=True)
+            print(json.dumps(ev.to_dict()), file=sys.stderr, flush=True)
 
     try:
         with open_pipeline(args) as pipe:
-            spec = pipe.spec
-            decoder = ActionDecoder.from_checkpoint(spec.config, spec.tokenizer, args.unnorm_key,
-                                                    denormalize=bool(spec.config.norm_stats))
-            grammar = None
-            if not args.no_grammar:
-                grammar = OutputGrammar.from_config(spec.config, spec.tokenizer, args.unnorm_key,
-                                                    max_actions=args.max_actions)
-            out = pipe.step(images, args.instruction, args.template, args.max_new_tokens, grammar=grammar,
-                            steer_trace=steer, on_event=on_event)
+            res = pipe.act(images, args.instruction, template=args.template, max_new_tokens=args.max_new_tokens,
+                           grammar=not args.no_grammar, max_actions=args.max_actions, unnorm_key=args.unnorm_key,
+                           steer_trace=steer, on_event=stream)
+    except NonFiniteError as e:  # the model failed at run time: no answer, no action
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, GrammarError, ValueError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    parsed = parse_step(out.text, decoder)
-    d = result_dict(out)
-    d.update(parsed_dict(parsed))
-    d["grammar"] = not args.no_grammar
-    d["events"] = events
     if args.json:
-        print(json.dumps(d, ensure_ascii=False))
-    else:
-        print(out.text)
-        if parsed.actions.size:
-            print("actions:", [[round(float(v), 4) for v in row] for row in parsed.actions], file=sys.stderr)
-        for err in parsed.parse_errors:
-            print(f"parse: {err}", file=sys.stderr)
-        t = d["timings_ms"]
-        print(f"[{d['prompt_tokens']} prompt tokens, {d['new_tokens']} new, stopped on {d['stopped']}; "
-              f"vision {t['vision']:.0f} ms, prefill {t['prefill']:.0f} ms, decode {t['decode']:.0f} ms "
-              f"({d['tokens_per_s']} tok/s)]", file=sys.stderr)
+        print(res.to_json())
+        return 0
+    print(res.text)
+    if res.actions.size:
+        print("actions:", [[round(float(v), 4) for v in row] for row in res.actions], file=sys.stderr)
+    if res.actions_error is not None:
+        print(f"actions: unavailable: {res.actions_error}", file=sys.stderr)
+    for err in res.parse_errors:
+        print(f"parse: {err}", file=sys.stderr)
+    t, r = res.timings_ms, res.generation
+    print(f"[{r.prompt_tokens} prompt tokens, {len(r.token_ids)} new, stopped on {r.stopped}; "
+          f"vision {t['vision']:.0f} ms, prefill {t['prefill']:.0f} ms, decode {t['decode']:.0f} ms "
+          f"({r.tokens_per_s:.2f} tok/s)]", file=sys.stderr)
     return 0

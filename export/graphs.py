@@ -43,17 +43,19 @@ class LlmGraph(nn.Module):
         n_past = past_kv.shape[0]
         key_pos = torch.cat([torch.arange(n_past, device=position_ids.device), position_ids])
         mask = key_pos[None, :] <= position_ids[:, None]
-        x = inputs_embeds
         new = []
-        for i, block in enumerate(self.transformer.blocks):
-            attn = block.self_attn
-            q, k, v = attn.project(block.attn_norm(x), cos, sin)
-            past_k = past_kv[:, i, 0].permute(1, 0, 2)[None].to(k.dtype)
-            past_v = past_kv[:, i, 1].permute(1, 0, 2)[None].to(v.dtype)
-            x = x + attn.attend(q, torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2), mask)
-            x = x + block.mlp(block.ff_norm(x))
-            new.append(torch.stack([k[0], v[0]], dim=0))  # [2, kvh, q, hd]
-        x = self.transformer.ln_f(x)
+
+        def past_concat(i: int):
+            # the layer's past from the position-major buffer, the new rows kept for new_kv
+            def store(k, v):
+                new.append(torch.stack([k[0], v[0]], dim=0))  # [2, kvh, q, hd]
+                past_k = past_kv[:, i, 0].permute(1, 0, 2)[None].to(k.dtype)
+                past_v = past_kv[:, i, 1].permute(1, 0, 2)[None].to(v.dtype)
+                return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+
+            return store
+
+        x = self.transformer.run(inputs_embeds, cos, sin, mask, past_concat)
         logits = self.lm_head(x[0].index_select(0, logits_index))
         new_kv = torch.stack(new, dim=0).permute(3, 0, 1, 2, 4)  # [q, L, 2, kvh, hd]
         return logits.float(), new_kv.to(past_kv.dtype)

@@ -12,6 +12,8 @@ same forward call.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from molmoact_edge.runtime.engine.config import (
@@ -190,6 +192,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+KeyValueStore = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""One layer's key/value memory as the block body sees it: given the new k, v [b, kv_heads, q, hd],
+store them and return all keys/values so far ([b, kv_heads, n, hd]). The layout behind it is the
+caller's (a static cache written in place, an explicit past concatenated for ONNX, ...)."""
+
+
+def static_cache_store(k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> KeyValueStore:
+    """The reference's store: write the new rows in place at ``positions`` of a preallocated
+    [b, kv_heads, max_seq_len, hd] cache and read back the filled prefix."""
+
+    def store(k, v):
+        k_cache[:, :, positions] = k.to(k_cache.dtype)
+        v_cache[:, :, positions] = v.to(v_cache.dtype)
+        end = int(positions[-1]) + 1
+        return k_cache[:, :, :end], v_cache[:, :, :end]
+
+    return store
+
+
 class Attention(nn.Module):
     """Causal GQA with fused q|k|v projection (with bias) and an output projection without bias."""
 
@@ -226,13 +247,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.attn_out(out.transpose(1, 2).reshape(b, q_len, -1))
 
-    def forward(self, x, cos, sin, k_cache, v_cache, positions, mask):
+    def forward(self, x, cos, sin, kv: KeyValueStore, mask):
         q, k, v = self.project(x, cos, sin)
-        # Write the new keys/values in place at their positions, then attend over the filled prefix.
-        k_cache[:, :, positions] = k.to(k_cache.dtype)
-        v_cache[:, :, positions] = v.to(v_cache.dtype)
-        end = int(positions[-1]) + 1
-        return self.attend(q, k_cache[:, :, :end], v_cache[:, :, :end], mask)
+        keys, values = kv(k, v)
+        return self.attend(q, keys, values, mask)
 
 
 class LlmMlp(nn.Module):
@@ -257,8 +275,9 @@ class DecoderBlock(nn.Module):
         self.mlp = LlmMlp(cfg)
         self.ff_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, positions, mask):
-        x = x + self.self_attn(self.attn_norm(x), cos, sin, k_cache, v_cache, positions, mask)
+    def forward(self, x, cos, sin, kv: KeyValueStore, mask):
+        """The one block body of every LLM variant; ``kv`` hides the cache layout."""
+        x = x + self.self_attn(self.attn_norm(x), cos, sin, kv, mask)
         return x + self.mlp(self.ff_norm(x))
 
 
@@ -284,6 +303,16 @@ class Transformer(nn.Module):
         self.wte = Embedding(cfg)
         self.blocks = nn.ModuleList([DecoderBlock(cfg) for _ in range(cfg.num_hidden_layers)])
         self.ln_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
+
+    def run(self, x, cos, sin, mask, layer_kv: Callable[[int], KeyValueStore],
+            hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Embeddings [b, q, H] through every block (block i stores into ``layer_kv(i)``), then the
+        final norm. With ``hidden``, each block's output is appended to it."""
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, layer_kv(i), mask)
+            if hidden is not None:
+                hidden.append(x)
+        return self.ln_f(x)
 
 
 class _Model(nn.Module):
@@ -358,12 +387,10 @@ class MolmoAct(nn.Module):
             mask = CAUSAL
         else:
             mask = torch.arange(end, device=device)[None, :] <= positions[:, None]  # [q, end] over the cache
-        x = inputs_embeds
-        hidden = [x]
-        for i, block in enumerate(self.model.transformer.blocks):
-            x = block(x, cos, sin, self.k_cache[i], self.v_cache[i], positions, mask)
-            hidden.append(x)
-        x = self.model.transformer.ln_f(x)
+        hidden = [inputs_embeds]
+        x = self.model.transformer.run(
+            inputs_embeds, cos, sin, mask,
+            lambda i: static_cache_store(self.k_cache[i], self.v_cache[i], positions), hidden)
         if logits_rows is None:
             logits_rows = torch.tensor([q_len - 1], device=device)
         logits = self.lm_head(x[0, logits_rows])

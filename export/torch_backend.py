@@ -3,9 +3,13 @@ the very same decode loop (runtime/engine/generate.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from molmoact_edge.export.checkpoint import load_model
 from molmoact_edge.export.model import MolmoAct
+from molmoact_edge.runtime.engine.pipeline import ModelSpec, Pipeline
 
 
 class TorchBackend:
@@ -38,3 +42,11 @@ class TorchBackend:
 
     def close(self) -> None:
         self.model.k_cache = self.model.v_cache = None
+
+
+def open_checkpoint(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> Pipeline:
+    """A ready :class:`Pipeline` over the torch reference of a Hugging Face checkpoint folder: the
+    same steps (``act``, ``step``) as a bundle's."""
+    spec = ModelSpec.load(checkpoint_dir)
+    return Pipeline(spec, TorchBackend(load_model(checkpoint_dir, dtype, device), device))

@@ -2,8 +2,9 @@
 
 Each prediction runs one grammar-constrained step on the bundle (onnxruntime), so the answer is
 always parseable; the parsed, de-normalised actions are returned in the unnorm key's action
-convention. An answer the grammar could not finish within the token budget has no action: that is
-raised, and the control loop treats it like any policy error (the arm holds and the watchdog acts).
+convention. A step without an action (an answer the grammar could not finish within the token
+budget) or with NaN/inf in the model (NonFiniteError) returns no chunk: it is raised, and the
+control loop treats it like any policy error (the arm stops and the run ends).
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ from pathlib import Path
 import numpy as np
 from molmoact_edge.runtime.control.convention import ActionConvention, convention_for
 from molmoact_edge.runtime.control.policy import Observation
-from molmoact_edge.runtime.engine.actions import ActionDecoder
-from molmoact_edge.runtime.engine.grammar import OutputGrammar
-from molmoact_edge.runtime.engine.parser import parse_step
 from molmoact_edge.runtime.engine.pipeline import open_bundle
 
 
@@ -56,24 +54,24 @@ class MolmoActPolicy:
     def __init__(self, config: MolmoActConfig):
         self.config = config
         self.pipe = open_bundle(config.bundle, verify_hashes=config.verify_hashes, threads=config.threads)
-        spec = self.pipe.spec
-        key = spec.config.resolve_unnorm_key(config.unnorm_key)
+        # a robot needs real units: the key must resolve (the only one, or the one chosen)
+        key = self.pipe.spec.config.resolve_unnorm_key(config.unnorm_key)
         self.unnorm_key = key
-        self.decoder = ActionDecoder.from_checkpoint(spec.config, spec.tokenizer, key)
-        self.grammar = OutputGrammar.from_config(spec.config, spec.tokenizer, key, max_actions=config.max_actions)
+        self.decoder = self.pipe.reading(key).decoder
+        self.grammar = self.pipe.grammar(key, config.max_actions)  # built now, not on the first frame
         self.convention: ActionConvention = convention_for(config.convention or key)
         self.last_step = None
 
     def predict(self, obs: Observation) -> np.ndarray:
         images = [f.color for f in obs.frames]
-        out = self.pipe.step(images, obs.instruction, self.config.template, self.config.max_new_tokens,
-                             grammar=self.grammar)
-        self.last_step = out
-        parsed = parse_step(out.text, self.decoder)
-        if parsed.actions.shape[0] == 0:
-            raise NoActionError(f"MolmoAct produced no action in {len(out.result.token_ids)} tokens "
-                                f"({'; '.join(parsed.parse_errors)}); raise max_new_tokens")
-        return parsed.actions
+        res = self.pipe.act(images, obs.instruction, template=self.config.template,
+                            max_new_tokens=self.config.max_new_tokens, max_actions=self.config.max_actions,
+                            unnorm_key=self.unnorm_key)
+        self.last_step = res
+        if res.actions.shape[0] == 0:
+            raise NoActionError(f"MolmoAct produced no action in {len(res.token_ids)} tokens "
+                                f"({'; '.join(res.parse_errors)}); raise max_new_tokens")
+        return res.actions
 
     def close(self) -> None:
         self.pipe.close()

@@ -18,6 +18,22 @@ from molmoact_edge.runtime.engine.constrain import greedy_pick
 from molmoact_edge.runtime.engine.prompt import ModelInputs
 
 
+class NonFiniteError(RuntimeError):
+    """The model produced NaN or infinite numbers (image features or logits). Greedy picking would
+    turn them into some token all the same (``np.argmax`` takes NaN for the maximum), and from there
+    into an action, so the step ends here instead: no answer, no action."""
+
+
+def _check_finite(values: np.ndarray, what: str) -> None:
+    # np.isfinite over one logits row (152k floats) is a few tens of microseconds: cheap next to a forward.
+    if not np.isfinite(values).all():
+        bad = values[~np.isfinite(values)]
+        kinds = " and ".join(k for k, hit in (("NaN", np.isnan(bad).any()), ("inf", np.isinf(bad).any())) if hit)
+        raise NonFiniteError(f"the model produced {kinds} in {what} ({bad.size} of {values.size} values); "
+                             "the weights or the engine are damaged (re-export the bundle, check the checkpoint "
+                             "and the backend): no action is taken from this step")
+
+
 @dataclass
 class GenerationResult:
     token_ids: list[int]
@@ -39,6 +55,8 @@ def generate(backend: Backend, inputs: ModelInputs, eos_id: int, max_new_tokens:
              preprocess_ms: float = 0.0) -> GenerationResult:
     """Greedy generation of up to ``max_new_tokens`` ids after the prompt.
 
+    Raises :class:`NonFiniteError` as soon as image features or logits hold NaN or inf.
+
     ``grammar_state`` (optional) follows the runtime grammar's protocol: ``allowed_mask()``,
     ``forced_span()``, ``advance(token) -> events`` and ``is_complete``.
     """
@@ -48,9 +66,11 @@ def generate(backend: Backend, inputs: ModelInputs, eos_id: int, max_new_tokens:
     prompt = inputs.input_ids
     t0 = time.perf_counter()
     features = backend.vision(inputs.vision.crops, inputs.vision.pooled_patches_idx)
+    _check_finite(features, "the image features")
     t1 = time.perf_counter()
     backend.reset(len(prompt) + max_new_tokens)
     logits = backend.forward(prompt, 0, image_features=features)[-1]
+    _check_finite(logits, "the logits of the prompt")
     t2 = time.perf_counter()
     timings["vision"] = (t1 - t0) * 1e3
     timings["prefill"] = (t2 - t1) * 1e3
@@ -89,6 +109,7 @@ def generate(backend: Backend, inputs: ModelInputs, eos_id: int, max_new_tokens:
         if len(out) >= max_new_tokens:
             break
         logits = backend.forward(np.asarray(new, dtype=np.int64), pos)[-1]
+        _check_finite(logits, f"the logits after {len(out)} new tokens")
         pos += len(new)
         forwards += 1
     t3 = time.perf_counter()

@@ -11,6 +11,11 @@ MOLMOACT.md section 8)::
 * GLUE is free text of at most ``glue_budget`` tokens per gap, made of base-vocabulary tokens
   without ``[``, ``]``, ``<`` or ``>`` (so glue can never form a list or a depth tag that the
   official regex parser would pick up). The last gap may end with EOS; EOS is allowed nowhere else.
+* With a token budget (``start(max_tokens=...)``, the decode loop passes ``max_new_tokens``) a
+  choice is allowed only while the shortest completion after it still fits: near the end of the
+  budget glue closes, numbers and action strings take their shortest forms and no further trace
+  point or action list is opened. It only ever removes choices, so every answer it allows is
+  one the unbudgeted grammar allows too.
 * N depth codes (100 = the 10x10 grid) of the tokenizer's ``<DEPTH_k>`` tokens.
 * 1-5 trace points, integers 0..255 written without leading zeros, ``", "`` and ``"], ["``
   between them.
@@ -69,6 +74,21 @@ T_NUM, T_SPACE, T_OPEN = range(3)
 A_ELEM, A_CLOSE, A_OPEN = range(3)
 
 
+_NO_LIMIT = 1 << 62
+# a trace point: digits "," " " digits closer, numbers of 1..3 digits
+_POINT = {False: 5, True: 9}  # shortest, longest
+
+
+def _trace_tokens(target, i: int, field: int, digits: str) -> int:
+    """Tokens left of a steered trace from point i, field, with ``digits`` of that field written."""
+    x, y = (str(v) for v in target[i])
+    if field == 0:
+        n = len(x) - len(digits) + 2 + len(y) + 1
+    else:
+        n = len(y) - len(digits) + 1
+    return n + sum(1 + len(str(a)) + 2 + len(str(b)) + 1 for a, b in target[i + 1:])
+
+
 class GrammarError(ValueError):
     """A token the grammar does not allow here, or a tokenizer/option the grammar cannot support."""
 
@@ -119,6 +139,22 @@ class _Trie:
         self.children = children
         self.leaf = leaf
         self.ids = [np.array(sorted(c), dtype=np.int64) for c in children]
+        # Fewest tokens from a node to a complete string (children are numbered after their
+        # parent, so one backward pass sees every child first), and what each child costs beyond
+        # that: the budget check keeps only the children whose cost still fits.
+        mind = [0] * len(children)
+        for n in range(len(children) - 1, -1, -1):
+            if leaf[n] < 0:
+                mind[n] = 1 + min(mind[c] for c in children[n].values())
+        self.min_left = mind
+        # and the most: how long a string the model may still choose from here
+        most = [0] * len(children)
+        for n in range(len(children) - 1, -1, -1):
+            most[n] = max([1 + most[c] for c in children[n].values()], default=0)
+        self.max_left = most
+        self.extra = [np.array([1 + mind[children[n][int(t)]] - mind[n] for t in self.ids[n]], dtype=np.int64)
+                      for n in range(len(children))]
+        self.max_extra = [int(e.max()) if e.size else 0 for e in self.extra]
 
     def __len__(self) -> int:
         return len(self.children)
@@ -267,11 +303,21 @@ class OutputGrammar:
             self.trie_first = _Trie(contextual("[", ",", False, "first element"), "first element")
             self.trie_mid = _Trie(contextual(" ", ",", False, "middle element"), "middle element")
             self.trie_last = _Trie(contextual(" ", "]", True, "last element"), "last element", terminated=False)
+        tries = [self.trie_first] + [self.trie_mid] * (dim - 2) + ([self.trie_last] if dim > 1 else [])
+        # tail[worst][e]: fewest (most) tokens for elements e.. of a list; list_len adds its closer
+        self.tail = {False: [sum(t.min_left[0] for t in tries[e:]) for e in range(dim + 1)],
+                     True: [sum(t.max_left[0] for t in tries[e:]) for e in range(dim + 1)]}
+        self.list_len = {w: self.tail[w][0] + 1 for w in (False, True)}
 
     # -- cursors ------------------------------------------------------------------------------
-    def start(self, trace=None) -> GrammarState:
+    def start(self, trace=None, max_tokens: int | None = None) -> GrammarState:
         """A cursor at the beginning of an answer. ``trace`` (1-5 (x, y) integer points in 0..255)
-        is forced into the trace slot: MolmoAct's trajectory steering."""
+        is forced into the trace slot: MolmoAct's trajectory steering. ``max_tokens`` is the
+        caller's token budget: once what is left of it nears the shortest way to finish the
+        answer, only tokens on a path that still fits are allowed (glue closes, lists end), so the
+        answer completes within it whenever the budget can hold an answer at all."""
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise GrammarError(f"max_tokens must be a positive integer or None, got {max_tokens!r}")
         target = None
         if trace is not None:
             pts = [tuple(p) for p in trace]
@@ -282,7 +328,7 @@ class OutputGrammar:
                 raise GrammarError(f"steering trace must be 1-{TRACE_MAX_POINTS} (x, y) integer points in "
                                    f"0..{TRACE_MAX_VALUE}, got {trace!r}")
             target = tuple((int(x), int(y)) for x, y in pts)
-        return GrammarState(self, target)
+        return GrammarState(self, target, max_tokens)
 
     def number_ids(self, digits: str, field: int, more_points: bool) -> np.ndarray:
         key = (digits, field, more_points)
@@ -311,9 +357,10 @@ class OutputGrammar:
 class GrammarState:
     """Where the decoder is inside an answer. Mutable: ``advance`` moves it; ``copy`` forks it."""
 
-    def __init__(self, grammar: OutputGrammar, target=None):
+    def __init__(self, grammar: OutputGrammar, target=None, max_tokens: int | None = None):
         self.g = grammar
         self.target = target
+        self.max_tokens = max_tokens
         self.phase = GLUE_DEPTH
         self.glue_used = 0
         self.n_tokens = 0
@@ -347,7 +394,10 @@ class GrammarState:
         """Allowed ids (sorted) where they are few; None in free glue (use the precomputed mask)."""
         g, ph = self.g, self.phase
         if ph in (GLUE_DEPTH, GLUE_TRACE, GLUE_ACTION, GLUE_END):
-            return g.glue_exits[ph] if self.glue_used >= g.spec.glue_budget else None
+            # glue only while the longest completion still fits after it: the budget never
+            # shortens the model's numbers or action strings because of its own glue
+            closed = self.glue_used >= g.spec.glue_budget or not self._fits(self.to_finish(worst=True))
+            return g.glue_exits[ph] if closed else None
         if ph == DEPTH:
             if len(self.codes) < g.spec.depth_codes:
                 return g.depth_code_ids
@@ -361,9 +411,13 @@ class GrammarState:
         if ph == ACTION:
             if self.asub == A_ELEM:
                 trie = self._trie()
+                ids = trie.ids[self.node]
+                slack = self._slack()
+                if slack < trie.max_extra[self.node]:
+                    ids = ids[trie.extra[self.node] <= slack]
                 if trie.leaf[self.node] >= 0:  # a complete action string that could also go on
-                    return np.union1d(trie.ids[self.node], self._close_ids(self.n_lists + 1))
-                return trie.ids[self.node]
+                    return np.union1d(ids, self._close_ids(self.n_lists + 1))
+                return ids
             if self.asub == A_OPEN:
                 return np.array([g.open_point])
             return self._close_ids(self.n_lists)
@@ -371,23 +425,105 @@ class GrammarState:
 
     def _close_ids(self, lists_done: int) -> np.ndarray:
         g = self.g
+        more = lists_done < g.spec.max_actions
         if not self.nested:
-            return g.closers1  # "]," continues the chunk while lists remain, else it is "]" + glue
-        if lists_done < g.spec.max_actions:
-            return g.closers2_more
-        return g.closers2
+            ids = g.closers1  # "]," continues the chunk while lists remain, else it is "]" + glue
+        else:
+            ids = g.closers2_more if more else g.closers2
+        if more and not self._fits(g.list_len[True] + 2):  # no room for another list: "]," is out
+            ids = ids[ids != g.close_point]
+        return ids
 
     def _trace_number_ids(self) -> np.ndarray:
         g, t = self.g, self.target
         if t is None:
             more = len(self.points) + 1 < TRACE_MAX_POINTS
-            return g.number_ids(self.digits, self.field, more)
+            ids = g.number_ids(self.digits, self.field, more)
+            if self.digits:
+                # another point ("]," then " [" and the point) only if its longest form fits;
+                # another digit only if the shortest completion still does
+                drop = [] if self._fits(1 + _POINT[True] + self._after_trace(True)) else [g.close_point]
+                if self._slack() < 1:
+                    drop += list(g.digit_of)
+                if drop:
+                    ids = ids[~np.isin(ids, drop)]
+            return ids
         want = str(t[len(self.points)][self.field])
         if len(self.digits) < len(want):
             return np.array([g.digit_id[int(want[len(self.digits)])]])
         if self.field == 0:
             return np.array([g.comma])
         return np.array([g.close_point]) if len(self.points) + 1 < len(t) else g.closers2
+
+    # -- the token budget -----------------------------------------------------------------------
+    # Two bounds: optional structure (glue, another trace point, another action list) is allowed
+    # only while the LONGEST completion after it fits, so with a budget that holds one answer's
+    # longest form the model's numbers and action strings are never cut; those values are
+    # limited only when the SHORTEST completion would no longer fit (a budget below that form).
+    def _fits(self, tokens_after_next: int) -> bool:
+        """Whether the budget left after the next token holds ``tokens_after_next`` more."""
+        return self.max_tokens is None or self.max_tokens - self.n_tokens - 1 >= tokens_after_next
+
+    def _slack(self) -> int:
+        """Tokens of the budget beyond the shortest way to finish the answer from here."""
+        if self.max_tokens is None:
+            return _NO_LIMIT
+        return self.max_tokens - self.n_tokens - self.to_finish()
+
+    def _after_trace(self, worst: bool) -> int:
+        return 1 + self.g.list_len[worst] + 1  # opener, one list, EOS
+
+    def to_finish(self, worst: bool = False) -> int:
+        """Tokens that complete the answer from here with no glue, one trace point and one action
+        list, EOS included: the fewest, or with ``worst`` the most the model's values may take."""
+        g, ph = self.g, self.phase
+        if ph == DONE:
+            return 0
+        if ph == GLUE_END:
+            return 1
+        if ph == ACTION:
+            if self.asub == A_CLOSE:
+                return 2
+            if self.asub == A_OPEN:
+                return self._after_trace(worst)
+            trie = self._trie()
+            left = trie.max_left if worst else trie.min_left
+            return left[self.node] + g.tail[worst][self.elem + 1] + 2
+        if ph == GLUE_ACTION:
+            return self._after_trace(worst)
+        if ph == TRACE:
+            return self._trace_left(worst) + self._after_trace(worst)
+        to_trace_end = 1 + self._trace_left(worst) + self._after_trace(worst)  # opener + whole trace
+        if ph == GLUE_TRACE:
+            return to_trace_end
+        if ph == DEPTH:
+            return g.spec.depth_codes - len(self.codes) + 1 + to_trace_end
+        return 1 + g.spec.depth_codes + 1 + to_trace_end  # GLUE_DEPTH
+
+    def min_to_finish(self) -> int:
+        """The fewest tokens that complete the answer from here, EOS included."""
+        return self.to_finish(worst=False)
+
+    def _trace_left(self, worst: bool) -> int:
+        """Tokens until the trace's closing bracket, inclusive (the whole trace before it has
+        started), for the last point of the trace."""
+        if self.phase != TRACE:
+            return _trace_tokens(self.target, 0, 0, "") if self.target else _POINT[worst]
+        if self.target is not None:
+            i = len(self.points)
+            if self.tsub == T_OPEN:
+                return 1 + _trace_tokens(self.target, i, 0, "")
+            if self.tsub == T_SPACE:
+                return 1 + _trace_tokens(self.target, i, 1, "")
+            return _trace_tokens(self.target, i, self.field, self.digits)
+        digits = 3 if worst else 1  # a number still to write
+        if self.tsub == T_OPEN:
+            return 1 + _POINT[worst]
+        if self.tsub == T_SPACE:
+            return 1 + digits + 1
+        if self.digits:  # more digits are optional: up to 3 in all ("0" takes none)
+            digits = 0 if not worst or self.digits == "0" else 3 - len(self.digits)
+        return digits + (1 if self.field == 1 else 2 + (3 if worst else 1) + 1)
 
     def allowed_ids(self) -> np.ndarray:
         """The allowed token ids, ascending (a view of a shared table: do not modify)."""

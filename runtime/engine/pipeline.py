@@ -1,4 +1,8 @@
-"""One MolmoAct step end to end over any backend: images + instruction -> generated ids and text.
+"""One MolmoAct step end to end over any backend: images + instruction -> the answer, read.
+
+:meth:`Pipeline.act` is the step every caller uses (CLI, demo, robot policy): it returns a
+:class:`~molmoact_edge.runtime.engine.step.StepResult`. :meth:`Pipeline.step` is the layer below
+(ids and text only, with a caller-made grammar).
 
 A checkpoint directory and a bundle directory both carry the same JSON contracts
 (``config.json``, ``preprocessor_config.json``, ``processor_config.json``, ``tokenizer.json``), so
@@ -20,8 +24,11 @@ from molmoact_edge.runtime.engine.config import (
     ProcessorConfig,
 )
 from molmoact_edge.runtime.engine.generate import GenerationResult, generate
+from molmoact_edge.runtime.engine.grammar import OutputGrammar
 from molmoact_edge.runtime.engine.ort_backend import OrtBackend
+from molmoact_edge.runtime.engine.parser import parse_step
 from molmoact_edge.runtime.engine.prompt import ModelInputs, build_inputs
+from molmoact_edge.runtime.engine.step import ActionReading, StepResult, TimedEvent
 from molmoact_edge.runtime.engine.tokenizer import Tokenizer
 
 
@@ -57,6 +64,50 @@ class Pipeline:
 
     def __init__(self, spec: ModelSpec, backend: Backend):
         self.spec, self.backend = spec, backend
+        # built once per unnorm key (and answer shape) and shared by every step
+        self._readings: dict[str | None, ActionReading] = {}
+        self._grammars: dict[tuple[str | None, int], OutputGrammar] = {}
+
+    def reading(self, unnorm_key: str | None = None) -> ActionReading:
+        """How actions are read for ``unnorm_key`` (None: the only key, or none chosen)."""
+        if unnorm_key not in self._readings:
+            r = ActionReading.resolve(self.spec.config, self.spec.tokenizer, unnorm_key)
+            self._readings[unnorm_key] = self._readings.setdefault(r.unnorm_key, r)
+        return self._readings[unnorm_key]
+
+    def grammar(self, unnorm_key: str | None = None, max_actions: int = 1) -> OutputGrammar:
+        """The output grammar for up to ``max_actions`` action lists, sharing the key's decoder."""
+        r = self.reading(unnorm_key)
+        key = (r.unnorm_key, max_actions)
+        if key not in self._grammars:
+            self._grammars[key] = OutputGrammar.from_tokenizer(
+                self.spec.tokenizer, r.action_dim, n_action_bins=self.spec.config.n_action_bins,
+                max_actions=max_actions, decoder=r.decoder)
+        return self._grammars[key]
+
+    def act(self, images, instruction: str, *, template: str | None = None, max_new_tokens: int = 256,
+            grammar: bool = True, max_actions: int = 1, unnorm_key: str | None = None, steer_trace=None,
+            on_event: Callable[[TimedEvent], None] | None = None) -> StepResult:
+        """One step, read: ids, text, depth, trace, actions and what was off, with timings.
+
+        ``grammar`` constrains decoding to well-formed answers of up to ``max_actions`` action
+        lists that fit ``max_new_tokens``; ``steer_trace`` forces the trace; ``on_event`` gets each
+        part of the answer as it completes. Without an ``unnorm_key`` on a checkpoint with several,
+        the step still runs and ``actions_error`` names the keys. Raises NonFiniteError when the
+        model produces NaN or inf."""
+        reading = self.reading(unnorm_key)
+        g = self.grammar(unnorm_key, max_actions) if grammar else None
+        events: list[TimedEvent] = []
+
+        def record(t_ms: float, ev) -> None:
+            events.append(TimedEvent(t_ms, ev))
+            if on_event is not None:
+                on_event(events[-1])
+
+        out = self.step(images, instruction, template, max_new_tokens, grammar=g, steer_trace=steer_trace,
+                        on_event=record)
+        parsed = parse_step(out.text, reading.decoder, action_dim=reading.action_dim)
+        return StepResult(out.inputs, out.result, out.text, parsed, reading, tuple(events), grammar=g is not None)
 
     def step(self, images, instruction: str, template: str | None = None, max_new_tokens: int = 256,
              grammar=None, steer_trace=None, on_event: Callable[[float, Any], None] | None = None) -> StepOutput:
@@ -69,7 +120,7 @@ class Pipeline:
         t0 = time.perf_counter()
         inputs = self.spec.inputs(images, instruction, template)
         pre_ms = (time.perf_counter() - t0) * 1e3
-        state = grammar.start(trace=steer_trace) if grammar is not None else None
+        state = grammar.start(trace=steer_trace, max_tokens=max_new_tokens) if grammar is not None else None
         timed = None if on_event is None else (lambda ev: on_event((time.perf_counter() - t0) * 1e3, ev))
         result = generate(self.backend, inputs, self.spec.tokenizer.special.eos, max_new_tokens,
                           grammar_state=state, on_event=timed, preprocess_ms=pre_ms)
