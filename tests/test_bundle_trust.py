@@ -51,6 +51,16 @@ def _logits(pipe, ids):
     return b.forward(np.asarray(ids), 0)
 
 
+def test_exporter_writes_through_the_schema(clean_bundle):
+    from molmoact_edge.runtime.engine.manifest import Manifest
+
+    raw = json.loads((clean_bundle / "manifest.json").read_text())
+    assert Manifest.from_json(raw).to_json() == raw
+    on_disk = {p.relative_to(clean_bundle).as_posix() for p in clean_bundle.rglob("*") if p.is_file()}
+    assert set(raw["files"]) == on_disk - {"manifest.json"}
+    assert all(raw["files"][name] == _sha(clean_bundle / name) for name in raw["files"])
+
+
 # ---- a bundle is only what its folder holds ---------------------------------------------------
 
 
