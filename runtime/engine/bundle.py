@@ -272,7 +272,7 @@ def _check_embeddings_header(b: Bundle) -> tuple[np.dtype, tuple, int]:
     return dtype, tuple(shape), offset
 
 
-def load_embeddings(b: Bundle, chunk: int = 1 << 24) -> np.ndarray:
+def load_embeddings(b: Bundle, chunk: int = 1 << 22) -> np.ndarray:
     """The input embedding table. Verified bundles get a read-only in-memory copy whose bytes are the
     ones hashed (one pass: read + hash); unverified ones a memory map (nothing read up front)."""
     dtype, shape, offset = _check_embeddings_header(b)
