@@ -5,6 +5,8 @@ import copy
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from molmoact_edge.runtime.engine.manifest import (
     BundleError,
@@ -59,7 +61,7 @@ def test_quantization_and_engines_have_their_place():
     (lambda d: d["files"].update({"llm.onnx": "XYZ"}), "must be a lowercase sha256 hex digest"),
     (lambda d: d["files"].update({"manifest.json": SHA}), "files lists manifest.json itself"),
     (lambda d: d["model"].update(layers="2"), "model.layers must be an integer >= 1"),
-    (lambda d: d["model"].pop("hidden_size"), "missing field model.'hidden_size'"),
+    (lambda d: d["model"].pop("hidden_size"), "missing field 'model.hidden_size'"),
     (lambda d: d["kv_cache"].update(layout=["layers", "positions", "kv", "kv_heads", "head_dim"]), "kv_cache.layout"),
     (lambda d: d["graphs"]["llm"].update(file="/abs/llm.onnx"), "graphs.llm.file = '/abs/llm.onnx' is an absolute path"),
     (lambda d: d["embeddings"].update(shape=[152192]), r"embeddings.shape must be \[rows, hidden_size\]"),
@@ -69,6 +71,42 @@ def test_malformed_manifest_is_refused(edit, message):
     edit(d)
     with pytest.raises(BundleError, match=message):
         Manifest.from_json(d)
+
+
+def _leaves(d, path=()):
+    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else ()
+    out = [path] if path else []
+    for k, v in items:
+        out += _leaves(v, path + (k,))
+    return out
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 200000) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_edited_field_gives_a_bundle_error_or_a_valid_manifest(data):
+    """Whatever a hand edit puts anywhere in the manifest, reading it never ends in a TypeError or
+    KeyError: it is refused with a BundleError that names the field, or it is a well-formed manifest."""
+    d = _manifest(quantization={"scheme": "int8"}, engines=({"file": "e.plan"},)).to_json()
+    path = data.draw(st.sampled_from(_leaves(d)))
+    parent = d
+    for k in path[:-1]:
+        parent = parent[k]
+    if data.draw(st.booleans()):
+        parent[path[-1]] = data.draw(JSON)
+    elif isinstance(parent, dict):
+        del parent[path[-1]]
+    else:
+        parent.pop(path[-1])
+    try:
+        m = Manifest.from_json(d)
+    except BundleError:
+        return
+    assert Manifest.from_json(m.to_json()) == m
 
 
 @pytest.mark.parametrize("rel", ["", "/etc/passwd", "../x", "a/../../x", "a/../b", "./a", "a//b", "a\\b", "C:x",

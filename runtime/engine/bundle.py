@@ -93,14 +93,14 @@ def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True, bundle_sha
         raise BundleError(f"{mpath} is missing: {path} is not a molmoact-edge bundle; {_reexport(path)}")
     root = Path(os.path.realpath(path))
     _confined(root, MANIFEST, path)
-    data = mpath.read_bytes() if mpath.stat().st_size <= MAX_MANIFEST_BYTES else None
-    if data is None:
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{mpath} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a bundle manifest; {_reexport(path)}")
+    data = mpath.read_bytes()  # hashed and parsed from the same bytes
     digest = hashlib.sha256(data).hexdigest()
-    if bundle_sha256 is not None and digest != check_sha256_pin(bundle_sha256):
-        raise BundleError(f"{mpath} has sha256 {digest}, not the pinned {check_sha256_pin(bundle_sha256)}: this is "
-                          "not the bundle that was pinned (or it was changed since); copy the pinned bundle again, "
-                          "or pin this one deliberately")
+    pin = None if bundle_sha256 is None else check_sha256_pin(bundle_sha256)
+    if pin is not None and digest != pin:
+        raise BundleError(f"{mpath} has sha256 {digest}, not the pinned {pin}: this is not the bundle that was "
+                          "pinned (or it was changed since); copy the pinned bundle again, or pin this one deliberately")
     try:
         manifest = Manifest.from_json(json.loads(data))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

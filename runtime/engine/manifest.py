@@ -61,9 +61,10 @@ def _obj(d: Any, where: str) -> dict:
     return d
 
 
-def _get(d: dict, key: str, where: str) -> Any:
+def _get(d: dict, key: str, prefix: str) -> Any:
+    """``d[key]``; ``prefix`` is the dotted path of ``d`` in the manifest ("" or "model.")."""
     if key not in d:
-        raise BundleError(f"missing field {where}{key!r}")
+        raise BundleError(f"missing field '{prefix}{key}'")
     return d[key]
 
 
@@ -96,8 +97,9 @@ class TensorSpec:
     @classmethod
     def from_json(cls, d: Any, where: str) -> TensorSpec:
         d = _obj(d, where)
-        return cls(_str(_get(d, "name", where), f"{where}.name"), _str(_get(d, "dtype", where), f"{where}.dtype"),
-                   _dims(_get(d, "shape", where), f"{where}.shape"))
+        return cls(_str(_get(d, "name", f"{where}."), f"{where}.name"),
+                   _str(_get(d, "dtype", f"{where}."), f"{where}.dtype"),
+                   _dims(_get(d, "shape", f"{where}."), f"{where}.shape"))
 
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -114,11 +116,11 @@ class GraphSpec:
         d = _obj(d, where)
         specs = {}
         for kind in ("inputs", "outputs"):
-            items = _get(d, kind, where)
+            items = _get(d, kind, f"{where}.")
             if not isinstance(items, list):
                 raise BundleError(f"{where}.{kind} must be a list")
             specs[kind] = tuple(TensorSpec.from_json(x, f"{where}.{kind}[{i}]") for i, x in enumerate(items))
-        return cls(check_relpath(_get(d, "file", where), f"{where}.file"), specs["inputs"], specs["outputs"])
+        return cls(check_relpath(_get(d, "file", f"{where}."), f"{where}.file"), specs["inputs"], specs["outputs"])
 
     def to_json(self) -> dict:
         return {"file": self.file, "inputs": [t.to_json() for t in self.inputs],
@@ -160,11 +162,11 @@ class KvCacheSpec:
     @classmethod
     def from_json(cls, d: Any, where: str = "kv_cache") -> KvCacheSpec:
         d = _obj(d, where)
-        layout = tuple(_get(d, "layout", f"{where}."))
-        if layout != KV_LAYOUT:
-            raise BundleError(f"{where}.layout {list(layout)} is not {list(KV_LAYOUT)} (the only layout this runtime reads)")
+        layout = _get(d, "layout", f"{where}.")
+        if not isinstance(layout, list) or tuple(layout) != KV_LAYOUT:
+            raise BundleError(f"{where}.layout {layout!r} is not {list(KV_LAYOUT)} (the only layout this runtime reads)")
         return cls(_str(_get(d, "dtype", f"{where}."), f"{where}.dtype"), _dims(_get(d, "shape", f"{where}."), f"{where}.shape"),
-                   layout)
+                   tuple(layout))
 
     def to_json(self) -> dict:
         return {"layout": list(self.layout), "dtype": self.dtype, "shape": list(self.shape)}
@@ -227,14 +229,14 @@ class Manifest:
         if raw.get("format") != FORMAT:
             raise BundleError(f"format is {raw.get('format')!r}, expected {FORMAT!r}: not a molmoact-edge bundle")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:  # (true == 1 in Python)
             raise BundleError(f"bundle format version {version!r}, but this molmoact-edge reads version {FORMAT_VERSION}")
         known = {"format"} | set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
             raise BundleError(f"unknown field(s) {unknown}: written by a newer molmoact-edge? (known: {sorted(known)})")
         dtype = _get(raw, "dtype", "")
-        if dtype not in COMPUTE_DTYPES:
+        if not isinstance(dtype, str) or dtype not in COMPUTE_DTYPES:
             raise BundleError(f"dtype {dtype!r} is not one of {sorted(COMPUTE_DTYPES)}")
         files = _obj(_get(raw, "files", ""), "files")
         for rel, digest in files.items():
