@@ -41,6 +41,7 @@ from molmoact_edge.runtime.engine.manifest import (  # noqa: F401  (re-exported:
     BundleError,
     GraphSpec,
     Manifest,
+    ManifestVersionError,
     TensorSpec,
     check_relpath,
 )
@@ -105,8 +106,10 @@ def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True, bundle_sha
         manifest = Manifest.from_json(json.loads(data))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{mpath} is not valid JSON ({e}); {_reexport(path)}") from e
-    except BundleError as e:
+    except ManifestVersionError as e:
         raise BundleError(f"{mpath}: {e}; {_reexport(path)} (or install the molmoact-edge that wrote it)") from None
+    except BundleError as e:
+        raise BundleError(f"{mpath}: {e}; {_reexport(path)}") from None
     _check_files(root, path, manifest)
     if verify_hashes:
         for rel in sorted(manifest.files):

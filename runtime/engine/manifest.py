@@ -40,6 +40,10 @@ class BundleError(ValueError):
     """A bundle that cannot be used as it is; the message says what is wrong and how to fix it."""
 
 
+class ManifestVersionError(BundleError):
+    """A manifest of another format version, or with fields this version does not know."""
+
+
 def check_relpath(rel: Any, where: str) -> str:
     """A path inside the bundle: relative, forward slashes, normalised, never leaving the folder."""
     if not isinstance(rel, str) or not rel:
@@ -230,11 +234,11 @@ class Manifest:
             raise BundleError(f"format is {raw.get('format')!r}, expected {FORMAT!r}: not a molmoact-edge bundle")
         version = raw.get("format_version")
         if type(version) is not int or version != FORMAT_VERSION:  # (true == 1 in Python)
-            raise BundleError(f"bundle format version {version!r}, but this molmoact-edge reads version {FORMAT_VERSION}")
+            raise ManifestVersionError(f"bundle format version {version!r}, but this molmoact-edge reads version {FORMAT_VERSION}")
         known = {"format"} | set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise BundleError(f"unknown field(s) {unknown}: written by a newer molmoact-edge? (known: {sorted(known)})")
+            raise ManifestVersionError(f"unknown field(s) {unknown}: written by a newer molmoact-edge? (known: {sorted(known)})")
         dtype = _get(raw, "dtype", "")
         if not isinstance(dtype, str) or dtype not in COMPUTE_DTYPES:
             raise BundleError(f"dtype {dtype!r} is not one of {sorted(COMPUTE_DTYPES)}")

@@ -36,6 +36,7 @@ class OrtBackend:
         if threads:
             opts.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
+        self.embeddings = load_embeddings(bundle)  # first: its hash check is cheaper than loading the graphs
         self.sessions = {}
         for name in ("vision", "llm"):
             spec = bundle.manifest.graphs[name]
@@ -46,7 +47,6 @@ class OrtBackend:
                                   "re-export the bundle") from e
             check_signature(name, spec, _io(sess.get_inputs()), _io(sess.get_outputs()), bundle.path)
             self.sessions[name] = sess
-        self.embeddings = load_embeddings(bundle)
         self.kv_dtype = np.dtype(bundle.manifest.kv_cache.dtype)
         self.embed_dtype = np.dtype(bundle.manifest.graphs["llm"].tensor("inputs_embeds").dtype)
         self.patch_id = config.image_patch_id
