@@ -12,6 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="Hugging Face MolmoAct checkpoint folder (torch reference)")
     src.add_argument("--bundle", type=Path, help="exported bundle folder (see `molmoact-edge export`)")
+    p.add_argument("--bundle-sha256", default=None, metavar="HEX",
+                   help="refuse the bundle unless sha256sum of its manifest.json is HEX (pins every file)")
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default=None,
                    help="engine: torch for --checkpoint (default), onnxruntime for --bundle (default)")
     p.add_argument("--image", action="append", required=True, type=Path,
@@ -47,6 +49,8 @@ def _load_images(paths):
 def open_pipeline(args):
     """The pipeline for --checkpoint (torch reference) or --bundle (deployed engine)."""
     if args.checkpoint is not None:
+        if args.bundle_sha256 is not None:
+            raise SystemExit("error: --bundle-sha256 pins a bundle; it does not apply to --checkpoint")
         if args.backend not in (None, "torch"):
             raise SystemExit("error: --checkpoint runs the torch reference; export a bundle for other backends")
         try:
@@ -59,7 +63,7 @@ def open_pipeline(args):
         return open_checkpoint(args.checkpoint, parse_dtype(args.dtype), args.device)
     from molmoact_edge.runtime.engine.pipeline import open_bundle
 
-    return open_bundle(args.bundle, backend=args.backend or "onnxruntime")
+    return open_bundle(args.bundle, backend=args.backend or "onnxruntime", bundle_sha256=args.bundle_sha256)
 
 
 def run(args) -> int:

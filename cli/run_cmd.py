@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="scripted: move by --scripted-offset (bring-up without a model); molmoact: the model, "
                         "from --bundle")
     p.add_argument("--bundle", default=None, help="MolmoAct bundle directory (molmoact-edge export) for --policy molmoact")
+    p.add_argument("--bundle-sha256", default=None, metavar="HEX",
+                   help="refuse the bundle unless sha256sum of its manifest.json is HEX (pins every file)")
     p.add_argument("--unnorm-key", default=None,
                    help="dataset statistics and action convention of the bundle's checkpoint (e.g. bridge_orig)")
     p.add_argument("--convention", default=None,
@@ -68,7 +70,7 @@ def _check_molmoact(options: dict) -> None:
     from molmoact_edge.runtime.molmoact_policy import MolmoActConfig
 
     cfg = MolmoActConfig(**options)
-    manifest = load_manifest(cfg.bundle, verify_hashes=False)
+    manifest = load_manifest(cfg.bundle, verify_hashes=False, bundle_sha256=cfg.bundle_sha256)
     key = ModelConfig.load(manifest.path).resolve_unnorm_key(cfg.unnorm_key)
     convention_for(cfg.convention or key)
 
@@ -96,10 +98,13 @@ def run(args: argparse.Namespace) -> int:
             box = _floats(args.workspace, 6, "--workspace")
             safety_kw |= {"workspace_min": box[:3], "workspace_max": box[3:]}
         options = {}
+        if args.bundle_sha256 is not None and args.policy != "molmoact":
+            raise ValueError("--bundle-sha256 pins the bundle of --policy molmoact; drop it for --policy scripted")
         if args.policy == "molmoact":
             if not args.bundle:
                 raise ValueError("--policy molmoact needs --bundle BUNDLE (create one with molmoact-edge export)")
-            options = {"bundle": args.bundle, "unnorm_key": args.unnorm_key, "convention": args.convention,
+            options = {"bundle": args.bundle, "bundle_sha256": args.bundle_sha256, "unnorm_key": args.unnorm_key,
+                       "convention": args.convention,
                        "max_new_tokens": args.max_new_tokens, "max_actions": args.max_actions}
             _check_molmoact(options)  # fails with the reason before any hardware is touched
         spec = PolicySpec(kind=args.policy, scripted=ScriptedConfig(offset=_floats(args.scripted_offset, 3, "--scripted-offset")),

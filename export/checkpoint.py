@@ -8,6 +8,8 @@ in one error that lists the missing keys, the unexpected keys and the shape mism
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,14 +42,19 @@ class WeightFiles:
                 weight_map = index["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{d / INDEX_FILE} is not a valid safetensors index ({e}); re-download it") from e
-            files = {k: d / v for k, v in weight_map.items()}
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{d / INDEX_FILE}: weight_map must map tensor names to shard file names")
+            files = {k: d / _shard_name(v, d) for k, v in weight_map.items()}
             absent = sorted({str(p) for p in files.values() if not p.exists()})
             if absent:
                 raise CheckpointError(f"shard(s) named in {INDEX_FILE} are missing: {absent}; "
                                       "download every model-*.safetensors file of the checkpoint")
+            for p in set(files.values()):
+                _regular(p)
             return cls(files)
         if (d / SINGLE_FILE).exists():
             path = d / SINGLE_FILE
+            _regular(path)
             try:
                 with safe_open(str(path), framework="pt") as f:
                     keys = list(f.keys())
@@ -62,6 +69,22 @@ class WeightFiles:
 def _listed(items: list[str], most: int = 20) -> str:
     """At most ``most`` items: a config with thousands of layers must not produce a megabyte error."""
     return str(items[:most])[:-1] + f", ... and {len(items) - most} more]" if len(items) > most else str(items)
+
+
+def _shard_name(name, d: Path) -> str:
+    """A shard named by the index: a plain file name in the checkpoint folder, as Hugging Face writes
+    them (``model-00001-of-00004.safetensors``); a path elsewhere is never followed."""
+    if (not isinstance(name, str) or not name.endswith(".safetensors") or "/" in name or "\\" in name
+            or "\0" in name or name.startswith(".")):
+        raise CheckpointError(f"{d / INDEX_FILE} names the shard {name!r}: a shard must be a *.safetensors file "
+                              "name in the checkpoint folder (no path); re-download the index")
+    return name
+
+
+def _regular(path: Path) -> None:
+    # Following a link is fine (the Hugging Face cache links into its blobs); a device or FIFO is not.
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise CheckpointError(f"{path} is not a regular file; re-download the checkpoint")
 
 
 def _problems(expected: dict[str, torch.Size], found: dict[str, tuple[int, ...]]) -> list[str]:

@@ -9,6 +9,7 @@ The graphs are exported with the torch.onnx dynamo exporter at opset 18: the por
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import shutil
@@ -24,12 +25,15 @@ import torch
 from molmoact_edge.export.checkpoint import WeightFiles, load_model
 from molmoact_edge.export.graphs import LlmGraph, VisionGraph
 from molmoact_edge.export.model import MolmoAct
-from molmoact_edge.runtime.engine.bundle import (
-    FORMAT,
-    FORMAT_VERSION,
-    KV_LAYOUT,
+from molmoact_edge.runtime.engine.bundle import sha256_file
+from molmoact_edge.runtime.engine.manifest import (
     MANIFEST,
-    sha256_file,
+    EmbeddingsSpec,
+    GraphSpec,
+    KvCacheSpec,
+    Manifest,
+    ModelDims,
+    TensorSpec,
 )
 
 COPIED_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
@@ -62,9 +66,8 @@ def _onnx_io(model_path: Path):
         for v in values:
             t = v.type.tensor_type
             dims = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
-            out.append({"name": v.name, "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name,
-                        "shape": dims})
-        return out
+            out.append(TensorSpec(v.name, np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name, tuple(dims)))
+        return tuple(out)
 
     return specs(proto.graph.input), specs(proto.graph.output)
 
@@ -178,29 +181,29 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
         graphs = {}
         for name in ("vision", "llm"):
             inputs, outputs = _onnx_io(tmp / f"{name}.onnx")
-            graphs[name] = {"file": f"{name}.onnx", "inputs": inputs, "outputs": outputs}
+            graphs[name] = GraphSpec(f"{name}.onnx", inputs, outputs)
         llm = cfg.llm
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "dtype": dtype,
-            "opset": opset,
-            "model": {"hidden_size": llm.hidden_size, "layers": llm.num_hidden_layers,
-                      "kv_heads": llm.num_key_value_heads, "head_dim": llm.head_dim, "vocab_size": llm.vocab_size,
-                      "input_vocab_size": llm.input_vocab_size, "image_patch_id": cfg.image_patch_id,
-                      "max_position_embeddings": llm.max_position_embeddings},
-            "graphs": graphs,
-            "kv_cache": {"layout": list(KV_LAYOUT), "dtype": np.dtype(table.numpy().dtype).name,
-                         "shape": ["positions", llm.num_hidden_layers, 2, llm.num_key_value_heads, llm.head_dim]},
-            "embeddings": {"file": "embeddings.npy", "dtype": table.numpy().dtype.name, "shape": list(table.shape)},
-            "tokenizer": "tokenizer.json",
-            "norm_stats": "norm_stats.json",
-            "source_checkpoint": {"path": str(checkpoint.resolve()), "sha256": source},
-            "tools": _versions(),
-            "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        step(f"moving the bundle into place at {out}")
+        table_dtype = np.dtype(table.numpy().dtype).name
+        manifest = Manifest(
+            dtype=dtype,
+            opset=opset,
+            model=ModelDims(hidden_size=llm.hidden_size, layers=llm.num_hidden_layers, kv_heads=llm.num_key_value_heads,
+                            head_dim=llm.head_dim, vocab_size=llm.vocab_size, input_vocab_size=llm.input_vocab_size,
+                            image_patch_id=cfg.image_patch_id, max_position_embeddings=llm.max_position_embeddings),
+            graphs=graphs,
+            kv_cache=KvCacheSpec(dtype=table_dtype, shape=("positions", llm.num_hidden_layers, 2,
+                                                           llm.num_key_value_heads, llm.head_dim)),
+            embeddings=EmbeddingsSpec(file="embeddings.npy", dtype=table_dtype, shape=tuple(table.shape)),
+            source_checkpoint={"path": str(checkpoint.resolve()), "sha256": source},
+            tools=_versions(),
+            # Every file of the bundle, recursively (graphs with external data write side files).
+            files={p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
+        )
+        text = json.dumps(manifest.to_json(), indent=2)
+        Manifest.from_json(json.loads(text))  # the reader's own checks, before the bundle appears
+        (tmp / MANIFEST).write_text(text)
+        pin = hashlib.sha256(text.encode()).hexdigest()
+        step(f"moving the bundle into place at {out} (manifest sha256 {pin}: pin it with --bundle-sha256)")
         if out.exists():
             shutil.rmtree(out)
         tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared

@@ -34,6 +34,7 @@ class MolmoActConfig:
     max_actions: int = 8
     threads: int | None = None
     verify_hashes: bool = True
+    bundle_sha256: str | None = None  # the manifest's pinned sha256 (run --bundle-sha256)
     # The robot-side action convention to use, by preset name (runtime/control/convention.py); default: the
     # unnorm key's own preset. Needed for checkpoints whose dataset has no preset yet.
     convention: str | None = None
@@ -53,7 +54,8 @@ class MolmoActConfig:
 class MolmoActPolicy:
     def __init__(self, config: MolmoActConfig):
         self.config = config
-        self.pipe = open_bundle(config.bundle, verify_hashes=config.verify_hashes, threads=config.threads)
+        self.pipe = open_bundle(config.bundle, verify_hashes=config.verify_hashes, bundle_sha256=config.bundle_sha256,
+                                threads=config.threads)
         # a robot needs real units: the key must resolve (the only one, or the one chosen)
         key = self.pipe.spec.config.resolve_unnorm_key(config.unnorm_key)
         self.unnorm_key = key

@@ -176,7 +176,7 @@ def test_fp16_bundle_runs_and_stays_close(checkpoint_a, fixture_a, tmp_path):
     within fp16 rounding of the fp32 golden logits."""
     bundle = export_bundle(checkpoint_a, tmp_path / "fp16", dtype="fp16", progress=lambda s: None)
     manifest = load_manifest(bundle)
-    assert manifest.dtype == "fp16" and manifest.kv_dtype == "float16"
+    assert manifest.manifest.dtype == "fp16" and manifest.manifest.kv_cache.dtype == "float16"
     backend = OrtBackend(manifest, ModelConfig.load(bundle))
     case = GoldenCase(fixture_a, "single_256")
     ids = case["input_ids"][0]

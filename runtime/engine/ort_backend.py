@@ -5,7 +5,8 @@ position-major, the filled prefix (the graph's ``past_kv`` input) and the rows o
 (its ``new_kv`` output) are contiguous slices of that buffer, bound with IO binding by pointer: the
 graph reads the past where it lies and writes the new keys/values straight into their slots.
 Nothing grows, and nothing is concatenated or copied on the host per token. The input embedding
-lookup is a host-side gather from a memory-mapped table (only the rows of the new tokens are read).
+lookup is a host-side gather from the table (in memory when the bundle's hashes were verified, so
+that the bytes used are the bytes hashed; memory-mapped otherwise).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import time
 
 import numpy as np
-from molmoact_edge.runtime.engine.bundle import BundleError, Manifest, check_signature
+from molmoact_edge.runtime.engine.bundle import Bundle, BundleError, check_signature, load_embeddings
 from molmoact_edge.runtime.engine.config import ConfigError, ModelConfig
 from molmoact_edge.runtime.engine.deps import import_backend
 
@@ -54,28 +55,28 @@ def _io(items):
 class OrtBackend:
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, config: ModelConfig, providers: list[str] | None = None,
+    def __init__(self, bundle: Bundle, config: ModelConfig, providers: list[str] | None = None,
                  threads: int | None = None):
         ort = import_backend("onnxruntime", "onnxruntime")  # onnxruntime-gpu provides it too
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
+        self.embeddings = load_embeddings(bundle)  # first: its hash check is cheaper than loading the graphs
         self.sessions = {}
         for name in ("vision", "llm"):
-            spec = manifest.graphs[name]
+            spec = bundle.manifest.graphs[name]
             try:
-                sess = ort.InferenceSession(str(manifest.file(spec.file)), opts, providers=providers)
+                sess = ort.InferenceSession(str(bundle.file(spec.file)), opts, providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types for unloadable graphs
-                raise BundleError(f"{manifest.file(spec.file)} could not be loaded by onnxruntime ({e}); "
+                raise BundleError(f"{bundle.file(spec.file)} could not be loaded by onnxruntime ({e}); "
                                   "re-export the bundle") from e
-            check_signature(name, spec, _io(sess.get_inputs()), _io(sess.get_outputs()), manifest.path)
+            check_signature(name, spec, _io(sess.get_inputs()), _io(sess.get_outputs()), bundle.path)
             self.sessions[name] = sess
-        self.embeddings = np.load(manifest.file(manifest.embeddings_file), mmap_mode="r")
-        self.kv_dtype = np.dtype(manifest.kv_dtype)
-        self.embed_dtype = np.dtype(dict((t.name, t.dtype) for t in manifest.graphs["llm"].inputs)["inputs_embeds"])
+        self.kv_dtype = np.dtype(bundle.manifest.kv_cache.dtype)
+        self.embed_dtype = np.dtype(bundle.manifest.graphs["llm"].tensor("inputs_embeds").dtype)
         self.patch_id = config.image_patch_id
-        self.kv_row = tuple(manifest.kv_shape[1:])
+        self.kv_row = tuple(bundle.manifest.kv_cache.shape[1:])
         self.max_positions = config.llm.max_position_embeddings
         self.kv: np.ndarray | None = None
         self.reset_stats()

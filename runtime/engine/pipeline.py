@@ -136,9 +136,10 @@ class Pipeline:
         self.close()
 
 
-def open_bundle(bundle_dir: str | Path, backend: str = "onnxruntime", verify_hashes: bool = True, **options) -> Pipeline:
-    """A ready :class:`Pipeline` over an exported bundle."""
-    manifest = load_manifest(bundle_dir, verify_hashes=verify_hashes)
+def open_bundle(bundle_dir: str | Path, backend: str = "onnxruntime", verify_hashes: bool = True,
+                bundle_sha256: str | None = None, **options) -> Pipeline:
+    """A ready :class:`Pipeline` over an exported bundle; ``bundle_sha256`` pins its manifest's hash."""
+    manifest = load_manifest(bundle_dir, verify_hashes=verify_hashes, bundle_sha256=bundle_sha256)
     spec = ModelSpec.load(manifest.path)
     if backend == "onnxruntime":
         return Pipeline(spec, OrtBackend(manifest, spec.config, **options))
