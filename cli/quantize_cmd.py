@@ -12,8 +12,9 @@ SCHEMES = ["fp16", "int8-wo", "int4-rtn", "w8a8-sq", "int4-awq", "fp8"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="Hugging Face MolmoAct checkpoint folder")
     p.add_argument("--scheme", required=True, choices=SCHEMES,
-                   help="fp16 | int8-wo (INT8 weights per output channel) | int4-rtn (INT4 blockwise); "
-                        "w8a8-sq, int4-awq and fp8 are planned")
+                   help="fp16 | int8-wo (INT8 weights per output channel) | int4-rtn (INT4 blockwise) | "
+                        "fp8 (E4M3 weights per channel, static per-tensor activations; Q/DQ graph); "
+                        "w8a8-sq and int4-awq are planned")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to create")
     p.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                    help="graph form: onnxruntime kernels (MatMulNBits) or TensorRT Q/DQ (planned)")

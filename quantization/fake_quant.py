@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from molmoact_edge.export.checkpoint import load_model
 from molmoact_edge.export.model import MolmoAct
-from molmoact_edge.quantization.recipes import FloatRecipe, WeightOnlyRecipe
+from molmoact_edge.quantization.recipes import Fp8Recipe, FloatRecipe, WeightOnlyRecipe
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -55,10 +55,36 @@ def apply_recipe(model: MolmoAct, recipe: WeightOnlyRecipe) -> MolmoAct:
     return model
 
 
+def fake_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Quantise to float8 e4m3fn (round to nearest even, saturating at +-448) and back."""
+    q = torch.clamp(x.float() / scale, -Fp8Recipe.FP8_MAX, Fp8Recipe.FP8_MAX).to(torch.float8_e4m3fn)
+    return q.float() * scale
+
+
+def fp8_weight_scales(w: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> one scale per output channel, amax / 448 (1 where a channel is all zero)."""
+    amax = w.float().abs().amax(dim=1)
+    return torch.where(amax > 0, amax / Fp8Recipe.FP8_MAX, torch.ones_like(amax))
+
+
+@torch.no_grad()
+def apply_fp8(model: MolmoAct, recipe: Fp8Recipe) -> MolmoAct:
+    """Fake-quantise the transformer layers' weights and (through a pre-hook) their inputs."""
+    for name, lin in llm_linears(model).items():
+        if name == "lm_head":
+            continue
+        lin.weight.copy_(fake_fp8(lin.weight, fp8_weight_scales(lin.weight)[:, None]))
+        scale = torch.tensor(recipe.amax_of(name), dtype=torch.float32) / Fp8Recipe.FP8_MAX
+        lin.register_forward_pre_hook(lambda _m, args, s=scale: (fake_fp8(args[0], s).to(args[0].dtype), *args[1:]))
+    return model
+
+
 def simulated_model(checkpoint: str | Path, recipe) -> MolmoAct:
     """The reference model as the recipe defines it (fp16: the model in fp16)."""
     if isinstance(recipe, FloatRecipe):
         return load_model(checkpoint, torch.float16)
     if isinstance(recipe, WeightOnlyRecipe):
         return apply_recipe(load_model(checkpoint, torch.float32), recipe)
+    if isinstance(recipe, Fp8Recipe):
+        return apply_fp8(load_model(checkpoint, torch.float32), recipe)
     raise TypeError(f"no simulation for recipe {type(recipe).__name__}")

@@ -178,6 +178,55 @@ def quantize_llm_graph(model: onnx.ModelProto, layers: dict[str, str], recipe: W
     return model
 
 
+def quantize_fp8_qdq(model: onnx.ModelProto, layers: dict[str, str], act_amax: dict[str, float]) -> onnx.ModelProto:
+    """Explicit Q/DQ FP8 (the form TensorRT builds FP8 engines from; onnxruntime CPU runs it as a
+    simulation): input -> QuantizeLinear/DequantizeLinear (per-tensor, static) and the weight stored
+    as float8 e4m3fn with a per-output-channel DequantizeLinear, into the unchanged MatMul."""
+    import ml_dtypes
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    fp8_max = 448.0
+    for node in list(g.node):
+        layer = layers.get(node.name)
+        if layer is None or layer == "lm_head":
+            continue
+        base = node.input[1]
+        w_t = numpy_helper.to_array(inits[base]).astype(np.float32)  # [K, N]
+        amax = np.abs(w_t).max(axis=0)
+        w_scale = np.where(amax > 0, amax / np.float32(fp8_max), np.float32(1)).astype(np.float32)
+        q = np.clip(w_t / w_scale[None, :], -fp8_max, fp8_max).astype(ml_dtypes.float8_e4m3fn)
+        g.initializer.remove(inits[base])
+        a_scale = np.array(np.float32(act_amax[layer]) / np.float32(fp8_max), dtype=np.float32)
+        zero = np.zeros((), dtype=ml_dtypes.float8_e4m3fn)
+        g.initializer.extend([numpy_helper.from_array(q, f"{base}_f8"), numpy_helper.from_array(w_scale, f"{base}_f8_scale"),
+                              numpy_helper.from_array(a_scale, f"{layer}.input_f8_scale"),
+                              numpy_helper.from_array(zero, f"{layer}.input_f8_zero")])
+        x = node.input[0]
+        new = [
+            helper.make_node("QuantizeLinear", [x, f"{layer}.input_f8_scale", f"{layer}.input_f8_zero"],
+                             [f"{layer}.input_q"], name=f"{node.name}/quantize_input", saturate=1),
+            helper.make_node("DequantizeLinear", [f"{layer}.input_q", f"{layer}.input_f8_scale", f"{layer}.input_f8_zero"],
+                             [f"{layer}.input_dq"], name=f"{node.name}/dequantize_input"),
+            helper.make_node("DequantizeLinear", [f"{base}_f8", f"{base}_f8_scale"], [f"{base}_dq"],
+                             name=f"{node.name}/dequantize_weight", axis=1),
+        ]
+        idx = list(g.node).index(node)
+        for k, n in enumerate(new):
+            g.node.insert(idx + k, n)
+        node.input[0], node.input[1] = f"{layer}.input_dq", f"{base}_dq"
+    _require_opset(model, 21)
+    return model
+
+
+def _require_opset(model: onnx.ModelProto, version: int) -> None:
+    """FP8 and INT4 Q/DQ need opset >= 19 / 21 and IR >= 10; the ops our graphs use keep their meaning."""
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version < version:
+            o.version = version
+    model.ir_version = max(model.ir_version, 10)
+
+
 def component_of(initializer: str) -> str:
     if initializer.startswith("transformer.blocks."):
         return "transformer_layers"

@@ -17,7 +17,7 @@ from molmoact_edge.export.checkpoint import load_model
 from molmoact_edge.export.onnx_export import EXTERNAL_DATA_BYTES, Progress, export_bundle
 from molmoact_edge.quantization import onnx_passes
 from molmoact_edge.quantization.calibration import load_calibration_set
-from molmoact_edge.quantization.recipes import FloatRecipe, WeightOnlyRecipe
+from molmoact_edge.quantization.recipes import Fp8Recipe, FloatRecipe, WeightOnlyRecipe
 from molmoact_edge.runtime.engine.bundle import MANIFEST, sha256_file
 
 
@@ -59,6 +59,10 @@ def bundle_bytes(bundle: Path, llm: onnx.ModelProto | None = None) -> dict[str, 
     return out
 
 
+def _default_opset(model: onnx.ModelProto) -> int:
+    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def write_quantized_bundle(src: Path, out: Path, graphs: dict[str, onnx.ModelProto], quantization: dict,
                            force: bool = False) -> Path:
     """Copy the bundle ``src`` to ``out`` with ``graphs`` (name -> model) replacing its graph files and
@@ -76,7 +80,11 @@ def write_quantized_bundle(src: Path, out: Path, graphs: dict[str, onnx.ModelPro
                 stale.unlink()
             big = model.ByteSize() > EXTERNAL_DATA_BYTES if model.ByteSize() >= 0 else True
             onnx.save(model, str(f), save_as_external_data=big, location=f.name + ".data" if big else None)
-        manifest["quantization"] = quantization
+        opsets = {name: _default_opset(onnx.load(str(tmp / g["file"]), load_external_data=False))
+                  for name, g in manifest["graphs"].items()}
+        # Q/DQ forms raise the LLM graph's opset; the manifest says so per graph and overall
+        manifest["opset"] = max(opsets.values())
+        manifest["quantization"] = {**quantization, "graph_opsets": opsets}
         manifest["tools"] = {**manifest.get("tools", {}), **quantization["tools"]}
         manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())
                              if p.is_file() and p.name != MANIFEST}
@@ -91,6 +99,18 @@ def write_quantized_bundle(src: Path, out: Path, graphs: dict[str, onnx.ModelPro
     return out
 
 
+def calibrated(recipe, reference, checkpoint: Path, cs, progress):
+    """The recipe with its data-dependent parameters filled in from the calibration set."""
+    import dataclasses
+
+    from molmoact_edge.quantization.calibrate import collect_activation_stats
+
+    stats = collect_activation_stats(reference, checkpoint, cs, recipe.max_samples, progress=progress)
+    if isinstance(recipe, Fp8Recipe):
+        return dataclasses.replace(recipe, act_amax=tuple(sorted(stats.amax.items())))
+    raise TypeError(f"no calibration for {type(recipe).__name__}")
+
+
 def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str | Path | None = None,
                     base_bundle: str | Path | None = None, force: bool = False,
                     progress: Callable[[str], None] | None = None) -> Path:
@@ -100,8 +120,8 @@ def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str 
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
     say = progress or Progress(0).out
-    step = Progress(4, say)
-    calib_info = None
+    step = Progress(5 if recipe.uses_calibration else 4, say)
+    calib_info, cs = None, None
     if recipe.uses_calibration or calib is not None:
         cs = load_calibration_set(calib)
         calib_info = {"path": str(cs.path), "sha256": cs.sha256, "samples": len(cs.split("calibration"))}
@@ -122,9 +142,16 @@ def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str 
         manifest = json.loads((src / MANIFEST).read_text())
         llm = onnx.load(str(src / manifest["graphs"]["llm"]["file"]))
         layers = onnx_passes.name_linear_weights(llm, ref, gemm_to_matmul=isinstance(recipe, WeightOnlyRecipe))
+        if recipe.uses_calibration:
+            step(f"calibrating on {cs.path} ({recipe.max_samples or len(cs.split('calibration'))} samples)")
+            recipe = calibrated(recipe, ref, checkpoint, cs, lambda s: say("  " + s))
+            calib_info["samples"] = len(cs.split("calibration")[:recipe.max_samples])
         step(f"applying {recipe.scheme} to {len(layers)} linear layers")
         if isinstance(recipe, WeightOnlyRecipe):
             llm = onnx_passes.quantize_llm_graph(llm, layers, recipe)
+        elif isinstance(recipe, Fp8Recipe):
+            llm = onnx_passes.quantize_fp8_qdq(llm, {n: layer for n, layer in layers.items()},
+                                               dict(recipe.act_amax))
         step(f"writing {out}")
         quantization = {**recipe.describe(), "calibration": calib_info, "tools": _tool_versions(),
                         "linear_layers": sorted(layers.values()),

@@ -109,13 +109,53 @@ class WeightOnlyRecipe:
                 "small_k_rule": "K < group: one group over the whole input dimension (per output channel)"}
 
 
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """``fp8``: E4M3 weights per output channel (scale = channel amax / 448) and static per-tensor
+    E4M3 activations at every transformer-layer linear input (scale = calibration amax / 448).
+    lm_head stays float: it is the one layer whose output is read directly, and FP8 kernels
+    (TensorRT, Hopper/Ada/Thor) commonly leave it unquantised. On onnxruntime CPU the form is an
+    explicit QuantizeLinear/DequantizeLinear graph (opset 21): a simulation of the FP8 engine."""
+
+    scheme: str = "fp8"
+    target: str = "onnxruntime"
+    max_samples: int | None = None  # calibration samples used (None: the whole calibration split)
+    act_amax: tuple[tuple[str, float], ...] = ()  # (layer, max |input|), filled in by calibration
+
+    FP8_MAX = 448.0
+
+    def __post_init__(self):
+        _check_target(self)
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError(f"Fp8Recipe.max_samples must be >= 1, got {self.max_samples}")
+        for layer, sc in self.act_amax:
+            if not sc > 0:
+                raise ValueError(f"Fp8Recipe.act_amax: layer {layer} has amax {sc}; calibration saw no signal")
+
+    @property
+    def uses_calibration(self) -> bool:
+        return True
+
+    def amax_of(self, layer: str) -> float:
+        return dict(self.act_amax)[layer]
+
+    def describe(self) -> dict:
+        return {"scheme": self.scheme, "target": self.target, "granularity": "per-channel weights, per-tensor activations",
+                "group_size": None, "weights": "float8 e4m3fn, scale = channel amax / 448",
+                "activations": "float8 e4m3fn static per tensor, scale = calibration amax / 448",
+                "components": {"transformer_layers": "fp8 e4m3 (W per channel, A per tensor)", "lm_head": "fp32",
+                               "embeddings": "fp32", "vision": "fp32"},
+                "kept_in_higher_precision": ["lm_head: fp32"],
+                "act_amax": {k: v for k, v in self.act_amax}}
+
+
 def _check_target(r) -> None:
     if r.target not in TARGETS:
         raise ValueError(f"unknown --target {r.target!r}; accepted: {list(TARGETS)}")
 
 
-SCHEMES = ("fp16", "int8-wo", "int4-rtn")
-PLANNED = ("w8a8-sq", "int4-awq", "fp8")  # issue 12 stage C; not implemented yet
+SCHEMES = ("fp16", "int8-wo", "int4-rtn", "fp8")
+PLANNED = ("w8a8-sq", "int4-awq")  # issue 12 stage C; not implemented yet
 DEFAULT_GROUP = 128
 
 
@@ -133,6 +173,10 @@ def recipe_for(scheme: str, target: str = "onnxruntime", group_size: int | None 
         if group_size is not None:
             raise ValueError("fp16 has no groups; drop --group-size")
         return FloatRecipe(target=target)
+    if scheme == "fp8":
+        if group_size is not None:
+            raise ValueError("fp8 quantises per channel / per tensor; drop --group-size")
+        return Fp8Recipe(target=target)
     if scheme == "int8-wo":
         return WeightOnlyRecipe("int8-wo", 8, "per-channel", group_size, target=target)
     return WeightOnlyRecipe("int4-rtn", 4, "blockwise", group_size or DEFAULT_GROUP, target=target)

@@ -6,6 +6,7 @@ greedy ids, INT4 shrinks the transformer layers, and nothing depends on fixture 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -20,7 +21,7 @@ from molmoact_edge.export.torch_backend import TorchBackend
 from molmoact_edge.quantization.fake_quant import fake_quant_weight, simulated_model
 from molmoact_edge.quantization.onnx_passes import pack_int8_per_channel
 from molmoact_edge.quantization.quantize import bundle_bytes, quantize_bundle
-from molmoact_edge.quantization.recipes import recipe_for
+from molmoact_edge.quantization.recipes import Fp8Recipe, recipe_for
 from molmoact_edge.runtime.engine.bundle import load_manifest
 from molmoact_edge.runtime.engine.config import ModelConfig
 from molmoact_edge.runtime.engine.ort_backend import OrtBackend
@@ -30,6 +31,15 @@ QUIET = {"progress": lambda s: None}
 # Other widths and depths than fixture A (hidden 32, mlp 48, 2 layers): K = 48 and 80, 3 layers.
 OTHER = TinySize(vit_hidden=24, vit_heads=2, vit_mlp=40, adapter_heads=2, projector_hidden=40, llm_hidden=48,
                  llm_heads=6, llm_kv_heads=2, llm_mlp=80, llm_layers=3)
+
+
+def test_recipe(scheme):
+    r = recipe_for(scheme)
+    # calibration on 3 of the shipped set's samples keeps CI short; the CLI uses the whole split
+    return dataclasses.replace(r, max_samples=3) if r.uses_calibration else r
+
+
+test_recipe.__test__ = False
 
 
 def teacher_forced_logits(backend, case) -> np.ndarray:
@@ -63,9 +73,17 @@ class Models:
 
     def bundle(self, scheme):
         if scheme not in self.bundles:
-            self.bundles[scheme] = quantize_bundle(self.checkpoint, self.root / scheme, recipe_for(scheme),
+            self.bundles[scheme] = quantize_bundle(self.checkpoint, self.root / scheme, test_recipe(scheme),
                                                    base_bundle=self.base, **QUIET)
         return self.bundles[scheme]
+
+    def recipe(self, scheme):
+        """The recipe as the bundle recorded it (calibrated parameters included): not the graph."""
+        r = test_recipe(scheme)
+        if isinstance(r, Fp8Recipe):
+            q = json.loads((self.bundle(scheme) / "manifest.json").read_text())["quantization"]
+            r = dataclasses.replace(r, act_amax=tuple(sorted(q["act_amax"].items())))
+        return r
 
     def logits(self, source, case):
         key = (source, case.name)
@@ -73,7 +91,7 @@ class Models:
             if source == "fp32":
                 b = TorchBackend(load_model(self.checkpoint, torch.float32))
             elif source.startswith("sim:"):
-                b = TorchBackend(simulated_model(self.checkpoint, recipe_for(source[4:])))
+                b = TorchBackend(simulated_model(self.checkpoint, self.recipe(source[4:])))
             else:
                 b = OrtBackend(load_manifest(self.bundle(source)), self.cfg)
             self.cache[key] = teacher_forced_logits(b, case)
@@ -92,7 +110,7 @@ def models_other(tmp_path_factory):
     return Models(write_checkpoint(root / "checkpoint", OTHER, seed=7), root)
 
 
-@pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn"])
+@pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn", "fp8"])
 def test_artifact_implements_its_recipe(models_a, fixture_a, scheme):
     for name in CASES:
         case = GoldenCase(fixture_a, name)
@@ -103,7 +121,7 @@ def test_artifact_implements_its_recipe(models_a, fixture_a, scheme):
         assert np.abs(art - sim).max() <= 0.1 * effect, (name, np.abs(art - sim).max(), effect)
 
 
-@pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn"])
+@pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn", "fp8"])
 def test_other_widths_artifact_implements_its_recipe(models_other, fixture_a, scheme):
     """Fixture A's prompts and images (model-independent) through a checkpoint of other sizes."""
     case = GoldenCase(fixture_a, "single_256")
@@ -141,12 +159,26 @@ def test_int4_transformer_layers_take_under_030x_and_manifest_says_so(models_a, 
     bundle = models.bundle("int4-rtn")
     q = json.loads((bundle / "manifest.json").read_text())["quantization"]
     assert q["bytes"] == bundle_bytes(bundle)  # recorded = measured on the written artifact
+    assert json.loads((bundle / "manifest.json").read_text())["opset"] == 18
     assert q["bytes"]["transformer_layers"] <= 0.30 * q["fp32_bytes"]["transformer_layers"]
     assert q["scheme"] == "int4-rtn" and q["group_size"] == 128 and q["granularity"] == "blockwise"
     assert q["kept_in_higher_precision"] == ["lm_head: INT8 per-channel"]
     assert q["calibration"] is None  # round-to-nearest needs no data
     assert {"onnx", "onnxruntime", "torch"} <= set(q["tools"])
     load_manifest(bundle)  # every file hash recomputed: the bundle verifies
+
+
+def test_fp8_bundle_records_its_calibration(models_a):
+    from molmoact_edge.quantization.calibration import load_calibration_set
+
+    m = json.loads((models_a.bundle("fp8") / "manifest.json").read_text())
+    q = m["quantization"]
+    assert q["calibration"]["sha256"] == load_calibration_set().sha256 and q["calibration"]["samples"] == 3
+    assert set(q["act_amax"]) == {layer for layer in q["linear_layers"] if layer != "lm_head"}
+    assert all(v > 0 for v in q["act_amax"].values())
+    assert q["kept_in_higher_precision"] == ["lm_head: fp32"]
+    assert m["opset"] == 21 and q["graph_opsets"] == {"vision": 18, "llm": 21}  # float8 Q/DQ needs >= 19
+    assert q["bytes"]["transformer_layers"] <= 0.30 * q["fp32_bytes"]["transformer_layers"]
 
 
 def _ort_dequantised(w_t: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, object]:

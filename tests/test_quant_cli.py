@@ -41,7 +41,8 @@ def test_quantize_then_generate(other_checkpoint, fixture_a, tmp_path, scheme):
 @pytest.mark.parametrize("args,message", [
     (["--scheme", "int4-rtn", "--group-size", "100"], "power of two >= 16"),
     (["--scheme", "int8-wo", "--group-size", "64"], "per output channel"),
-    (["--scheme", "fp8"], "planned but not implemented"),
+    (["--scheme", "w8a8-sq"], "planned but not implemented"),
+    (["--scheme", "fp8", "--group-size", "128"], "drop --group-size"),
     (["--scheme", "int4-rtn", "--target", "tensorrt"], "only the onnxruntime form"),
 ])
 def test_quantize_refuses_bad_options_with_one_error_line(tmp_path, args, message):
