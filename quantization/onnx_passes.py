@@ -227,6 +227,59 @@ def _require_opset(model: onnx.ModelProto, version: int) -> None:
     model.ir_version = max(model.ir_version, 10)
 
 
+def symmetric_codes(w_t: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] float weight -> (int8 codes q in [-2^(b-1), 2^(b-1)-1] [K, N], float32 scales
+    [ceil(K/group), N]) under the recipes' rounding rule (recipes.py)."""
+    k, n = w_t.shape
+    z = np.float32(2 ** (bits - 1))
+    w = w_t.astype(np.float32)
+    q = np.empty((k, n), dtype=np.int8)
+    scales = np.empty((-(-k // group), n), dtype=np.float32)
+    for b, s in enumerate(range(0, k, group)):
+        blk = w[s:s + group]
+        hi, lo = blk.max(axis=0), blk.min(axis=0)
+        scale = (np.where(np.abs(hi) > np.abs(lo), hi, lo) / -z).astype(np.float32)
+        inv = np.zeros_like(scale)
+        inv[scale != 0] = np.float32(1) / scale[scale != 0]
+        q[s:s + group] = (np.clip(np.floor(blk * inv + z + np.float32(0.5)), 0, 2 * z - 1) - z).astype(np.int8)
+        scales[b] = scale
+    return q, scales
+
+
+def quantize_weight_only_qdq(model: onnx.ModelProto, layers: dict[str, str], recipe: WeightOnlyRecipe) -> onnx.ModelProto:
+    """The TensorRT form of a weight-only recipe: the weight stored as INT8 (per output channel,
+    DequantizeLinear axis=1) or INT4 (blockwise along K, DequantizeLinear block_size, opset 21)
+    feeding the unchanged MatMul."""
+    import ml_dtypes
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    for node in list(g.node):
+        layer = layers.get(node.name)
+        if layer is None:
+            continue
+        r = recipe.head_recipe() if layer == "lm_head" else recipe
+        base = node.input[1]
+        w_t = numpy_helper.to_array(inits[base])
+        k = w_t.shape[0]
+        group = r.group_for(k)
+        q, scales = symmetric_codes(w_t, r.bits, group)
+        g.initializer.remove(inits[base])
+        if r.granularity == "per-channel":
+            codes, attrs, scale = q, {"axis": 1}, scales[0]
+        else:
+            codes, attrs, scale = q.astype(ml_dtypes.int4), {"axis": 0, "block_size": group}, scales
+        suffix = f"_i{r.bits}"
+        g.initializer.extend([numpy_helper.from_array(codes, base + suffix),
+                              numpy_helper.from_array(scale, base + suffix + "_scale")])
+        dq = helper.make_node("DequantizeLinear", [base + suffix, base + suffix + "_scale"], [base + "_dq"],
+                              name=f"{node.name}/dequantize_weight", **attrs)
+        g.node.insert(list(g.node).index(node), dq)
+        node.input[1] = base + "_dq"
+    _require_opset(model, 21)
+    return model
+
+
 def component_of(initializer: str) -> str:
     if initializer.startswith("transformer.blocks."):
         return "transformer_layers"
@@ -238,7 +291,9 @@ def component_of(initializer: str) -> str:
 def initializer_bytes(model: onnx.ModelProto) -> dict[str, int]:
     """Bytes of the graph's constant tensors per component (by the names given above)."""
     out: dict[str, int] = {}
+    packed = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)  # two codes per byte
     for t in model.graph.initializer:
-        n = int(np.prod(t.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        count = int(np.prod(t.dims, dtype=np.int64))
+        n = (count + 1) // 2 if t.data_type in packed else count * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
         out[component_of(t.name)] = out.get(component_of(t.name), 0) + n
     return out

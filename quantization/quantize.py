@@ -147,7 +147,9 @@ def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str 
             recipe = calibrated(recipe, ref, checkpoint, cs, lambda s: say("  " + s))
             calib_info["samples"] = len(cs.split("calibration")[:recipe.max_samples])
         step(f"applying {recipe.scheme} to {len(layers)} linear layers")
-        if isinstance(recipe, WeightOnlyRecipe):
+        if isinstance(recipe, WeightOnlyRecipe) and recipe.target == "tensorrt":
+            llm = onnx_passes.quantize_weight_only_qdq(llm, layers, recipe)
+        elif isinstance(recipe, WeightOnlyRecipe):
             llm = onnx_passes.quantize_llm_graph(llm, layers, recipe)
         elif isinstance(recipe, Fp8Recipe):
             llm = onnx_passes.quantize_fp8_qdq(llm, {n: layer for n, layer in layers.items()},

@@ -5,9 +5,11 @@ What each scheme does to the four parts of the model, and why:
 
 - transformer layers (q|k|v, attention output, MLP in/out projections): quantised by every scheme;
   they are ~93% of a 7B model's bytes per decoded token.
-- lm_head: INT8 per output channel in ``int8-wo``; in ``int4-rtn`` it is kept in INT8 per channel
-  as well (the "layers kept in higher precision"): the logits decide every greedy token directly,
-  and at the 7B shape the head is ~7% of the bytes, so INT8 instead of INT4 costs ~4% of a step.
+- lm_head: quantised like the layers (INT8 per channel in ``int8-wo``, INT4 blockwise in
+  ``int4-rtn``). Keeping it in INT8 under INT4 was tried and measured: onnxruntime 1.32's 8-bit
+  MatMulNBits has no fast fp32-compute path on x86 (the 152k x 768 head took 3.3 s per token
+  against 0.16 s in fp32), while the INT4 kernel is faster than fp32; ``lm_head_bits`` keeps the
+  choice open for engines where INT8 is fast.
 - embeddings: kept in the bundle's float dtype. The runtime gathers only the rows of the new tokens
   from a memory-mapped table, so they cost no bandwidth per token; quantising them would only shrink
   the file.
@@ -51,7 +53,7 @@ class FloatRecipe:
         return False
 
     def describe(self) -> dict:
-        return {**asdict(self), "granularity": None, "group_size": None,
+        return {**asdict(self), "granularity": None, "group_size": None, "form": "fp16 graphs (export --dtype fp16)",
                 "components": {"transformer_layers": "fp16", "lm_head": "fp16", "embeddings": "fp16", "vision": "fp16"},
                 "kept_in_higher_precision": []}
 
@@ -64,7 +66,7 @@ class WeightOnlyRecipe:
     bits: int
     granularity: str  # "per-channel" | "blockwise"
     group_size: int | None = None  # blockwise only
-    lm_head_bits: int = 8  # lm_head: INT8 per output channel (see the module docstring)
+    lm_head_bits: int | None = None  # None: like the layers; 8: INT8 per output channel
     target: str = "onnxruntime"
     symmetric: bool = True
 
@@ -79,7 +81,7 @@ class WeightOnlyRecipe:
                 raise ValueError(f"--group-size must be a power of two >= 16 (MatMulNBits blocks), got {g}")
         elif self.group_size is not None:
             raise ValueError(f"{self.scheme} quantises per output channel; --group-size does not apply")
-        if self.lm_head_bits not in (4, 8):
+        if self.lm_head_bits not in (None, 4, 8):
             raise ValueError(f"WeightOnlyRecipe.lm_head_bits must be 4 or 8, got {self.lm_head_bits}")
         if not self.symmetric:
             raise ValueError("WeightOnlyRecipe.symmetric: only symmetric scales are implemented")
@@ -94,14 +96,16 @@ class WeightOnlyRecipe:
         return k if self.granularity == "per-channel" else min(self.group_size, k)
 
     def head_recipe(self) -> WeightOnlyRecipe:
-        if self.lm_head_bits == self.bits:
+        if self.lm_head_bits in (None, self.bits):
             return self
         return WeightOnlyRecipe(f"{self.scheme}/lm_head", self.lm_head_bits, "per-channel", target=self.target)
 
     def describe(self) -> dict:
         head = self.head_recipe()
         kept = [] if head is self else [f"lm_head: INT{head.bits} per-channel"]
-        return {**asdict(self),
+        form = ("MatMulNBits (com.microsoft), fp32 compute" if self.target == "onnxruntime" else
+                "DequantizeLinear (INT8 axis=1 / INT4 block_size along K, opset 21) -> MatMul")
+        return {**asdict(self), "form": form,
                 "components": {"transformer_layers": f"int{self.bits} {self.granularity}",
                                "lm_head": f"int{head.bits} {head.granularity}", "embeddings": "fp32",
                                "vision": "fp32"},
@@ -141,6 +145,7 @@ class Fp8Recipe:
 
     def describe(self) -> dict:
         return {"scheme": self.scheme, "target": self.target, "granularity": "per-channel weights, per-tensor activations",
+                "form": "QuantizeLinear/DequantizeLinear float8e4m3fn (opset 21), both targets",
                 "group_size": None, "weights": "float8 e4m3fn, scale = channel amax / 448",
                 "activations": "float8 e4m3fn static per tensor, scale = calibration amax / 448",
                 "components": {"transformer_layers": "fp8 e4m3 (W per channel, A per tensor)", "lm_head": "fp32",
@@ -166,9 +171,6 @@ def recipe_for(scheme: str, target: str = "onnxruntime", group_size: int | None 
                                   f"available: {list(SCHEMES)}")
     if scheme not in SCHEMES:
         raise ValueError(f"unknown --scheme {scheme!r}; accepted: {list(SCHEMES)}")
-    if target != "onnxruntime":
-        raise NotImplementedError(f"--target {target}: only the onnxruntime form is implemented in this version "
-                                  "(the TensorRT Q/DQ form is issue 12 stage C)")
     if scheme == "fp16":
         if group_size is not None:
             raise ValueError("fp16 has no groups; drop --group-size")
