@@ -4,10 +4,12 @@ the wheel), the builders from image folders and `record` outputs, and damaged se
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,7 +157,10 @@ def test_build_ships_the_default_set(tmp_path):
     assert all((built / rel).is_file() for rel in [*m["files"], "manifest.json"])
     code = ("from molmoact_edge.quantization.calibration import load_calibration_set, default_set_path;"
             "s = load_calibration_set(); print(default_set_path()); print(len(s.samples))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+    # -S: no site hooks (an editable install's finder could otherwise serve this checkout); numpy from its own dir
+    numpy_dir = str(Path(np.__file__).parents[1])
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path,
+                          env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{numpy_dir}"},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     path, n = proc.stdout.split()
