@@ -78,7 +78,8 @@ def write_quantized_bundle(src: Path, out: Path, graphs: dict[str, onnx.ModelPro
             f = tmp / manifest["graphs"][name]["file"]
             for stale in tmp.glob(f.name + ".data"):
                 stale.unlink()
-            big = model.ByteSize() > EXTERNAL_DATA_BYTES if model.ByteSize() >= 0 else True
+            # protobuf cannot hold 2 GiB: large graphs keep their weights in a side file, as the export does
+            big = sum(onnx_passes.initializer_bytes(model).values()) > EXTERNAL_DATA_BYTES
             onnx.save(model, str(f), save_as_external_data=big, location=f.name + ".data" if big else None)
         opsets = {name: _default_opset(onnx.load(str(tmp / g["file"]), load_external_data=False))
                   for name, g in manifest["graphs"].items()}
@@ -152,8 +153,7 @@ def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str 
         elif isinstance(recipe, WeightOnlyRecipe):
             llm = onnx_passes.quantize_llm_graph(llm, layers, recipe)
         elif isinstance(recipe, Fp8Recipe):
-            llm = onnx_passes.quantize_fp8_qdq(llm, {n: layer for n, layer in layers.items()},
-                                               dict(recipe.act_amax))
+            llm = onnx_passes.quantize_fp8_qdq(llm, layers, dict(recipe.act_amax))
         step(f"writing {out}")
         quantization = {**recipe.describe(), "calibration": calib_info, "tools": _tool_versions(),
                         "linear_layers": sorted(layers.values()),
