@@ -1,0 +1,53 @@
+"""``molmoact-edge quantize``: checkpoint -> quantised bundle (a bundle plus its recipe)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SCHEMES = ["fp16", "int8-wo", "int4-rtn", "w8a8-sq", "int4-awq", "fp8"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, required=True, help="Hugging Face MolmoAct checkpoint folder")
+    p.add_argument("--scheme", required=True, choices=SCHEMES,
+                   help="fp16 | int8-wo (INT8 weights per output channel) | int4-rtn (INT4 blockwise) | "
+                        "fp8 (E4M3 weights per channel, static per-tensor activations; Q/DQ graph); "
+                        "w8a8-sq and int4-awq are planned")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+    p.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                   help="graph form: onnxruntime kernels (MatMulNBits) or TensorRT Q/DQ (planned)")
+    p.add_argument("--calib", type=Path, default=None,
+                   help="calibration set folder (default: the shipped set; data-free schemes only record it)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="INT4 group along the input dimension (power of two >= 16; default 128)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+
+
+def run(args) -> int:
+    try:
+        import onnxruntime  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        print("error: quantize needs torch and onnxruntime: pip install torch==2.13.0 'molmoact-edge[export]'",
+              file=sys.stderr)
+        return 2
+    from molmoact_edge.export.checkpoint import CheckpointError
+    from molmoact_edge.quantization.calibration import CalibrationError
+    from molmoact_edge.quantization.quantize import quantize_bundle
+    from molmoact_edge.quantization.recipes import recipe_for
+    from molmoact_edge.runtime.engine.config import ConfigError
+
+    try:
+        recipe = recipe_for(args.scheme, args.target, args.group_size)
+    except (ValueError, NotImplementedError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        out = quantize_bundle(args.checkpoint, args.out, recipe, calib=args.calib, force=args.force)
+    except (ConfigError, CheckpointError, CalibrationError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0

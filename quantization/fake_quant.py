@@ -1,0 +1,90 @@
+"""The torch side of every recipe: a fake-quant simulation on the reference model.
+
+The simulation is the recipe's definition run in torch (quantise, dequantise, compute in float);
+the ONNX artifact must reproduce it. Written from the recipe, not from the artifact: nothing here
+reads a quantised graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from molmoact_edge.export.checkpoint import load_model
+from molmoact_edge.export.model import MolmoAct
+from molmoact_edge.quantization.recipes import Fp8Recipe, FloatRecipe, WeightOnlyRecipe
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """``w`` [out, in] -> the dequantised weight under the recipes' rounding rule (recipes.py):
+    ``group`` consecutive inputs share a scale (the last group may be shorter), in float32."""
+    out_f, k = w.shape
+    zp = 2 ** (bits - 1)
+    w = w.float()
+    res = torch.empty_like(w)
+    for s in range(0, k, group):
+        blk = w[:, s:s + group]
+        hi, lo = blk.max(dim=1, keepdim=True).values, blk.min(dim=1, keepdim=True).values
+        peak = torch.where(hi.abs() > lo.abs(), hi, lo)
+        scale = peak / -zp
+        inv = torch.where(scale != 0, 1.0 / torch.where(scale != 0, scale, torch.ones_like(scale)),
+                          torch.zeros_like(scale))
+        code = torch.clamp(torch.floor(blk * inv + zp + 0.5), 0, 2 * zp - 1)
+        res[:, s:s + group] = (code - zp) * scale
+    return res
+
+
+def llm_linears(model: MolmoAct) -> dict[str, torch.nn.Linear]:
+    """Every linear layer of the language model by its parameter prefix (transformer layers, lm_head)."""
+    out = {}
+    for i, block in enumerate(model.model.transformer.blocks):
+        for name, mod in (("self_attn.att_proj", block.self_attn.att_proj), ("self_attn.attn_out", block.self_attn.attn_out),
+                          ("mlp.ff_proj", block.mlp.ff_proj), ("mlp.ff_out", block.mlp.ff_out)):
+            out[f"transformer.blocks.{i}.{name}"] = mod
+    out["lm_head"] = model.lm_head
+    return out
+
+
+@torch.no_grad()
+def apply_recipe(model: MolmoAct, recipe: WeightOnlyRecipe) -> MolmoAct:
+    """Replace the LLM's linear weights with their fake-quantised values, in place."""
+    for name, lin in llm_linears(model).items():
+        r = recipe.head_recipe() if name == "lm_head" else recipe
+        k = lin.weight.shape[1]
+        lin.weight.copy_(fake_quant_weight(lin.weight, r.bits, r.group_for(k)).to(lin.weight.dtype))
+    return model
+
+
+def fake_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Quantise to float8 e4m3fn (round to nearest even, saturating at +-448) and back."""
+    q = torch.clamp(x.float() / scale, -Fp8Recipe.FP8_MAX, Fp8Recipe.FP8_MAX).to(torch.float8_e4m3fn)
+    return q.float() * scale
+
+
+def fp8_weight_scales(w: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> one scale per output channel, amax / 448 (1 where a channel is all zero)."""
+    amax = w.float().abs().amax(dim=1)
+    return torch.where(amax > 0, amax / Fp8Recipe.FP8_MAX, torch.ones_like(amax))
+
+
+@torch.no_grad()
+def apply_fp8(model: MolmoAct, recipe: Fp8Recipe) -> MolmoAct:
+    """Fake-quantise the transformer layers' weights and (through a pre-hook) their inputs."""
+    for name, lin in llm_linears(model).items():
+        if name == "lm_head":
+            continue
+        lin.weight.copy_(fake_fp8(lin.weight, fp8_weight_scales(lin.weight)[:, None]))
+        scale = torch.tensor(recipe.amax_of(name), dtype=torch.float32) / Fp8Recipe.FP8_MAX
+        lin.register_forward_pre_hook(lambda _m, args, s=scale: (fake_fp8(args[0], s).to(args[0].dtype), *args[1:]))
+    return model
+
+
+def simulated_model(checkpoint: str | Path, recipe) -> MolmoAct:
+    """The reference model as the recipe defines it (fp16: the model in fp16)."""
+    if isinstance(recipe, FloatRecipe):
+        return load_model(checkpoint, torch.float16)
+    if isinstance(recipe, WeightOnlyRecipe):
+        return apply_recipe(load_model(checkpoint, torch.float32), recipe)
+    if isinstance(recipe, Fp8Recipe):
+        return apply_fp8(load_model(checkpoint, torch.float32), recipe)
+    raise TypeError(f"no simulation for recipe {type(recipe).__name__}")

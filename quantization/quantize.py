@@ -1,0 +1,164 @@
+"""Checkpoint -> quantised bundle: export through the existing export path, replace the LLM graph
+by its quantised form, and add the recipe to the manifest (:func:`write_quantized_bundle`, the one
+place that touches the bundle format)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+from molmoact_edge.export.checkpoint import load_model
+from molmoact_edge.export.onnx_export import EXTERNAL_DATA_BYTES, Progress, export_bundle
+from molmoact_edge.quantization import onnx_passes
+from molmoact_edge.quantization.calibration import load_calibration_set
+from molmoact_edge.quantization.recipes import Fp8Recipe, FloatRecipe, WeightOnlyRecipe
+from molmoact_edge.runtime.engine.bundle import MANIFEST, sha256_file
+
+
+def _tool_versions() -> dict[str, str]:
+    import onnxruntime
+
+    return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+
+
+def reference_bytes(model) -> dict[str, int]:
+    """fp32 bytes per component of the reference model (the denominator of every ratio)."""
+    out = {"transformer_layers": 0, "lm_head": 0, "embeddings": 0, "vision": 0, "other": 0}
+    for name, p in model.named_parameters():
+        if name.startswith("model.transformer.blocks."):
+            key = "transformer_layers"
+        elif name.startswith("lm_head"):
+            key = "lm_head"
+        elif name.startswith("model.transformer.wte"):
+            key = "embeddings"
+        elif name.startswith("model.vision_backbone"):
+            key = "vision"
+        else:
+            key = "other"
+        out[key] += p.numel() * 4
+    return out
+
+
+def bundle_bytes(bundle: Path, llm: onnx.ModelProto | None = None) -> dict[str, int]:
+    """Bytes per component as stored in a bundle (graph constants and the embedding table);
+    ``llm``: the LLM graph about to replace the bundle's own."""
+    m = json.loads((bundle / MANIFEST).read_text())
+    llm = llm if llm is not None else onnx.load(str(bundle / m["graphs"]["llm"]["file"]))
+    out = {"transformer_layers": 0, "lm_head": 0, "other": 0}
+    out.update(onnx_passes.initializer_bytes(llm))
+    vision = onnx.load(str(bundle / m["graphs"]["vision"]["file"]))
+    out["vision"] = sum(onnx_passes.initializer_bytes(vision).values())
+    emb = np.load(bundle / m["embeddings"]["file"], mmap_mode="r")
+    out["embeddings"] = int(emb.nbytes)
+    return out
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def write_quantized_bundle(src: Path, out: Path, graphs: dict[str, onnx.ModelProto], quantization: dict,
+                           force: bool = False) -> Path:
+    """Copy the bundle ``src`` to ``out`` with ``graphs`` (name -> model) replacing its graph files and
+    ``quantization`` added to the manifest; every file hash is recomputed. Atomic like the export."""
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        manifest = json.loads((tmp / MANIFEST).read_text())
+        for name, model in graphs.items():
+            f = tmp / manifest["graphs"][name]["file"]
+            for stale in tmp.glob(f.name + ".data"):
+                stale.unlink()
+            # protobuf cannot hold 2 GiB: large graphs keep their weights in a side file, as the export does
+            big = sum(onnx_passes.initializer_bytes(model).values()) > EXTERNAL_DATA_BYTES
+            onnx.save(model, str(f), save_as_external_data=big, location=f.name + ".data" if big else None)
+        opsets = {name: _default_opset(onnx.load(str(tmp / g["file"]), load_external_data=False))
+                  for name, g in manifest["graphs"].items()}
+        # Q/DQ forms raise the LLM graph's opset; the manifest says so per graph and overall
+        manifest["opset"] = max(opsets.values())
+        manifest["quantization"] = {**quantization, "graph_opsets": opsets}
+        manifest["tools"] = {**manifest.get("tools", {}), **quantization["tools"]}
+        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())
+                             if p.is_file() and p.name != MANIFEST}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.chmod(0o755)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def calibrated(recipe, reference, checkpoint: Path, cs, progress):
+    """The recipe with its data-dependent parameters filled in from the calibration set."""
+    import dataclasses
+
+    from molmoact_edge.quantization.calibrate import collect_activation_stats
+
+    stats = collect_activation_stats(reference, checkpoint, cs, recipe.max_samples, progress=progress)
+    if isinstance(recipe, Fp8Recipe):
+        return dataclasses.replace(recipe, act_amax=tuple(sorted(stats.amax.items())))
+    raise TypeError(f"no calibration for {type(recipe).__name__}")
+
+
+def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str | Path | None = None,
+                    base_bundle: str | Path | None = None, force: bool = False,
+                    progress: Callable[[str], None] | None = None) -> Path:
+    """Write a quantised bundle for ``recipe``. ``base_bundle``: an existing fp32 export of the same
+    checkpoint to start from (otherwise the checkpoint is exported first, into a temporary folder)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+    say = progress or Progress(0).out
+    step = Progress(5 if recipe.uses_calibration else 4, say)
+    calib_info, cs = None, None
+    if recipe.uses_calibration or calib is not None:
+        cs = load_calibration_set(calib)
+        calib_info = {"path": str(cs.path), "sha256": cs.sha256, "samples": len(cs.split("calibration"))}
+        if not recipe.uses_calibration:
+            say(f"note: {recipe.scheme} is data-free (round-to-nearest); the calibration set is recorded, not used")
+            calib_info["used"] = False
+    work = Path(tempfile.mkdtemp(prefix=".quantize.", dir=out.parent if out.parent.exists() else None))
+    try:
+        dtype = "fp16" if isinstance(recipe, FloatRecipe) else "fp32"
+        if base_bundle is not None and dtype == "fp32":
+            src = Path(base_bundle)
+            step(f"starting from the exported bundle {src}")
+        else:
+            step(f"exporting {checkpoint} ({dtype})")
+            src = export_bundle(checkpoint, work / "base", dtype=dtype, progress=lambda s: say("  " + s))
+        step("loading the reference weights to name the graph's linear layers")
+        ref = load_model(checkpoint, torch.float32)
+        manifest = json.loads((src / MANIFEST).read_text())
+        llm = onnx.load(str(src / manifest["graphs"]["llm"]["file"]))
+        layers = onnx_passes.name_linear_weights(llm, ref, gemm_to_matmul=isinstance(recipe, WeightOnlyRecipe))
+        if recipe.uses_calibration:
+            step(f"calibrating on {cs.path} ({recipe.max_samples or len(cs.split('calibration'))} samples)")
+            recipe = calibrated(recipe, ref, checkpoint, cs, lambda s: say("  " + s))
+            calib_info["samples"] = len(cs.split("calibration")[:recipe.max_samples])
+        step(f"applying {recipe.scheme} to {len(layers)} linear layers")
+        if isinstance(recipe, WeightOnlyRecipe) and recipe.target == "tensorrt":
+            llm = onnx_passes.quantize_weight_only_qdq(llm, layers, recipe)
+        elif isinstance(recipe, WeightOnlyRecipe):
+            llm = onnx_passes.quantize_llm_graph(llm, layers, recipe)
+        elif isinstance(recipe, Fp8Recipe):
+            llm = onnx_passes.quantize_fp8_qdq(llm, layers, dict(recipe.act_amax))
+        step(f"writing {out}")
+        quantization = {**recipe.describe(), "calibration": calib_info, "tools": _tool_versions(),
+                        "linear_layers": sorted(layers.values()),
+                        "fp32_bytes": reference_bytes(ref), "bytes": bundle_bytes(src, llm)}
+        write_quantized_bundle(src, out, {"llm": llm}, quantization, force=force)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out

@@ -1,0 +1,275 @@
+"""Each quantised artifact implements its recipe: on the fixture cases (24 teacher-forced positions)
+the onnxruntime artifact stays within a tenth of the recipe's own effect (max |artifact - simulation|
+<= 0.1 max |simulation - fp32|), where the simulation is the torch fake-quant of the same recipe.
+Also: the rounding rule is onnxruntime's (bf16 weights sit on ties), INT8 keeps the official
+greedy ids, INT4 shrinks the transformer layers, and nothing depends on fixture A's widths."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import CASES, GoldenCase
+
+from molmoact_edge.export.checkpoint import load_model
+from molmoact_edge.export.onnx_export import export_bundle
+from molmoact_edge.export.tiny import TinySize, write_checkpoint
+from molmoact_edge.export.torch_backend import TorchBackend
+from molmoact_edge.quantization.fake_quant import fake_quant_weight, simulated_model
+from molmoact_edge.quantization.onnx_passes import pack_int8_per_channel
+from molmoact_edge.quantization.quantize import bundle_bytes, quantize_bundle
+from molmoact_edge.quantization.recipes import Fp8Recipe, recipe_for
+from molmoact_edge.runtime.engine.bundle import load_manifest
+from molmoact_edge.runtime.engine.config import ModelConfig
+from molmoact_edge.runtime.engine.ort_backend import OrtBackend
+
+POSITIONS = 24
+QUIET = {"progress": lambda s: None}
+# Other widths and depths than fixture A (hidden 32, mlp 48, 2 layers): K = 48 and 80, 3 layers.
+OTHER = TinySize(vit_hidden=24, vit_heads=2, vit_mlp=40, adapter_heads=2, projector_hidden=40, llm_hidden=48,
+                 llm_heads=6, llm_kv_heads=2, llm_mlp=80, llm_layers=3)
+
+
+def test_recipe(scheme):
+    """``scheme`` or ``scheme@target``."""
+    name, _, target = scheme.partition("@")
+    r = recipe_for(name, target or "onnxruntime")
+    # calibration on 3 of the shipped set's samples keeps CI short; the CLI uses the whole split
+    return dataclasses.replace(r, max_samples=3) if r.uses_calibration else r
+
+
+test_recipe.__test__ = False
+
+
+def teacher_forced_logits(backend, case) -> np.ndarray:
+    """Logits at the last prompt position and the next 23, the official greedy ids fed back in."""
+    ids, gen = case["input_ids"][0], case["generated_ids"]
+    seq = np.concatenate([ids, gen[:POSITIONS - 1]])
+    backend.reset(len(seq) + 1)
+    feats = backend.vision(case["images"][0], case["pooled_patches_idx"][0])
+    return backend.forward(seq, 0, feats, np.arange(len(ids) - 1, len(seq)))
+
+
+def qdq_faithful_session(bundle):
+    """The TensorRT Q/DQ form run on onnxruntime CPU as a simulation: by default onnxruntime fuses
+    DequantizeLinear -> MatMul into MatMulNBits with accuracy level 4, which also quantises the
+    activations (observed: logits 0.06 away); level 0 keeps the graph's Q/DQ meaning."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return ort.InferenceSession(str(bundle / "llm.onnx"), opts, providers=["CPUExecutionProvider"])
+
+
+def greedy_ids(backend, case, n: int) -> list[int]:
+    ids = case["input_ids"][0]
+    backend.reset(len(ids) + n + 1)
+    logits = backend.forward(ids, 0, backend.vision(case["images"][0], case["pooled_patches_idx"][0]))
+    out = []
+    for i in range(n):
+        out.append(int(logits[-1].argmax()))
+        logits = backend.forward(np.array([out[-1]]), len(ids) + i)
+    return out
+
+
+class Models:
+    """One checkpoint: its fp32 bundle, quantised bundles, and cached logits per (source, case)."""
+
+    def __init__(self, checkpoint, root):
+        self.checkpoint, self.root = checkpoint, root
+        self.base = export_bundle(checkpoint, root / "fp32", **QUIET)
+        self.bundles, self.cache = {}, {}
+        self.cfg = ModelConfig.load(checkpoint)
+
+    def bundle(self, scheme):
+        if scheme not in self.bundles:
+            self.bundles[scheme] = quantize_bundle(self.checkpoint, self.root / scheme, test_recipe(scheme),
+                                                   base_bundle=self.base, **QUIET)
+        return self.bundles[scheme]
+
+    def recipe(self, scheme):
+        """The recipe as the bundle recorded it (calibrated parameters included): not the graph."""
+        r = test_recipe(scheme)
+        if isinstance(r, Fp8Recipe):
+            q = json.loads((self.bundle(scheme) / "manifest.json").read_text())["quantization"]
+            r = dataclasses.replace(r, act_amax=tuple(sorted(q["act_amax"].items())))
+        return r
+
+    def logits(self, source, case):
+        key = (source, case.name)
+        if key not in self.cache:
+            if source == "fp32":
+                b = TorchBackend(load_model(self.checkpoint, torch.float32))
+            elif source.startswith("sim:"):
+                b = TorchBackend(simulated_model(self.checkpoint, self.recipe(source[4:])))
+            else:
+                b = OrtBackend(load_manifest(self.bundle(source)), self.cfg)
+                if source.endswith("@tensorrt"):
+                    b.sessions["llm"] = qdq_faithful_session(self.bundle(source))
+            self.cache[key] = teacher_forced_logits(b, case)
+            b.close()
+        return self.cache[key]
+
+
+@pytest.fixture(scope="module")
+def models_a(checkpoint_a, tmp_path_factory):
+    return Models(checkpoint_a, tmp_path_factory.mktemp("quant_a"))
+
+
+@pytest.fixture(scope="module")
+def models_other(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant_other")
+    return Models(write_checkpoint(root / "checkpoint", OTHER, seed=7), root)
+
+
+@pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn", "fp8", "int8-wo@tensorrt", "int4-rtn@tensorrt"])
+def test_artifact_implements_its_recipe(models_a, fixture_a, scheme):
+    for name in CASES:
+        case = GoldenCase(fixture_a, name)
+        art, sim, ref = (models_a.logits(s, case) for s in (scheme, f"sim:{scheme}", "fp32"))
+        assert art.shape == sim.shape == (POSITIONS, 152064)
+        effect = np.abs(sim - ref).max()
+        assert effect > 1e-3, "the recipe changed nothing: the simulation is not quantising"
+        assert np.abs(art - sim).max() <= 0.1 * effect, (name, np.abs(art - sim).max(), effect)
+
+
+@pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn", "fp8"])
+def test_other_widths_artifact_implements_its_recipe(models_other, fixture_a, scheme):
+    """Fixture A's prompts and images (model-independent) through a checkpoint of other sizes."""
+    case = GoldenCase(fixture_a, "single_256")
+    art, sim, ref = (models_other.logits(s, case) for s in (scheme, f"sim:{scheme}", "fp32"))
+    effect = np.abs(sim - ref).max()
+    assert effect > 1e-3 and np.abs(art - sim).max() <= 0.1 * effect
+
+
+def test_fp16_artifact_is_as_close_to_fp32_as_the_fp16_reference(models_a, fixture_a):
+    """fp16 rounds every activation, and onnxruntime and torch order fp16 arithmetic differently, so
+    the artifact is compared by size of effect: within 2x of torch fp16's distance from fp32."""
+    for name in CASES[:2]:
+        case = GoldenCase(fixture_a, name)
+        art, sim, ref = (models_a.logits(s, case) for s in ("fp16", "sim:fp16", "fp32"))
+        effect = np.abs(sim - ref).max()
+        assert 0 < np.abs(art - ref).max() <= 2 * effect
+        assert (art.argmax(1) == ref.argmax(1)).mean() >= 0.9
+
+
+def test_int8_keeps_the_official_greedy_ids(models_a, fixture_a):
+    b = OrtBackend(load_manifest(models_a.bundle("int8-wo")), models_a.cfg)
+    agree = []
+    for name in CASES:
+        case = GoldenCase(fixture_a, name)
+        got = greedy_ids(b, case, POSITIONS)
+        want = case["generated_ids"].tolist()
+        agree.append(next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), POSITIONS))
+    print("int8-wo: greedy ids agreeing with fp32 per case:", dict(zip(CASES, agree)))
+    assert sum(a == POSITIONS for a in agree) >= 3, agree
+
+
+@pytest.mark.parametrize("which", ["a", "other"])
+def test_int4_transformer_layers_take_under_030x_and_manifest_says_so(models_a, models_other, which):
+    models = models_a if which == "a" else models_other
+    bundle = models.bundle("int4-rtn")
+    q = json.loads((bundle / "manifest.json").read_text())["quantization"]
+    assert q["bytes"] == bundle_bytes(bundle)  # recorded = measured on the written artifact
+    assert json.loads((bundle / "manifest.json").read_text())["opset"] == 18
+    assert q["bytes"]["transformer_layers"] <= 0.30 * q["fp32_bytes"]["transformer_layers"]
+    assert q["scheme"] == "int4-rtn" and q["group_size"] == 128 and q["granularity"] == "blockwise"
+    assert q["kept_in_higher_precision"] == [] and q["components"]["lm_head"] == "int4 blockwise"
+    assert q["bytes"]["lm_head"] <= 0.30 * q["fp32_bytes"]["lm_head"]
+    assert q["calibration"] is None  # round-to-nearest needs no data
+    assert {"onnx", "onnxruntime", "torch"} <= set(q["tools"])
+    load_manifest(bundle)  # every file hash recomputed: the bundle verifies
+
+
+def test_tensorrt_form_is_explicit_qdq(models_a):
+    import onnx
+    from onnx import helper
+
+    for scheme, dtype in (("int4-rtn@tensorrt", onnx.TensorProto.INT4), ("int8-wo@tensorrt", onnx.TensorProto.INT8)):
+        bundle = models_a.bundle(scheme)
+        g = onnx.load(str(bundle / "llm.onnx"))
+        ops = [n.op_type for n in g.graph.node]
+        assert "MatMulNBits" not in ops and ops.count("DequantizeLinear") == 9  # 8 layer linears + lm_head
+        weights = [t for t in g.graph.initializer if t.name.endswith(("_i4", "_i8"))]
+        assert len(weights) == 9 and all(t.data_type in (dtype, onnx.TensorProto.INT8) for t in weights)
+        if dtype == onnx.TensorProto.INT4:
+            attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in g.graph.node
+                     if n.op_type == "DequantizeLinear"]
+            assert all(a.get("block_size") == 32 or a.get("block_size") == 48 for a in attrs)  # K < 128: one block
+        q = json.loads((bundle / "manifest.json").read_text())["quantization"]
+        assert q["target"] == "tensorrt" and q["graph_opsets"]["llm"] == 21
+
+
+def test_fp8_bundle_records_its_calibration(models_a):
+    from molmoact_edge.quantization.calibration import load_calibration_set
+
+    m = json.loads((models_a.bundle("fp8") / "manifest.json").read_text())
+    q = m["quantization"]
+    assert q["calibration"]["sha256"] == load_calibration_set().sha256 and q["calibration"]["samples"] == 3
+    assert set(q["act_amax"]) == {layer for layer in q["linear_layers"] if layer != "lm_head"}
+    assert all(v > 0 for v in q["act_amax"].values())
+    assert q["kept_in_higher_precision"] == ["lm_head: fp32"]
+    assert m["opset"] == 21 and q["graph_opsets"] == {"vision": 18, "llm": 21}  # float8 Q/DQ needs >= 19
+    assert q["bytes"]["transformer_layers"] <= 0.30 * q["fp32_bytes"]["transformer_layers"]
+
+
+def _ort_dequantised(w_t: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, object]:
+    """onnxruntime's own quantiser on a one-MatMul graph; returns its dequantised weight and model."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    k, n = w_t.shape
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+                          [numpy_helper.from_array(w_t, "W")])
+    q = MatMulNBitsQuantizer(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]),
+                             algo_config=DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits))
+    q.process()
+    sess = ort.InferenceSession(q.model.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": np.eye(k, dtype=np.float32)})[0], q.model.model
+
+
+def _bf16_weights(k, n, seed):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5
+    return w.to(torch.bfloat16).float()  # bf16 values: many weights on exact rounding ties
+
+
+@pytest.mark.parametrize("k,group", [(48, 16), (200, 128), (40, 128)])
+def test_fake_quant_int4_is_onnxruntime_quantisers_rounding(k, group):
+    """Partial last group (200 = 128 + 72) and K below the group (40 < 128: one group per row)."""
+    w = _bf16_weights(k, 24, seed=k)
+    stored = group if group < k else 64
+    ort_w, _ = _ort_dequantised(w.numpy().T.copy(), 4, stored)
+    sim = fake_quant_weight(w, 4, min(group, k)).numpy().T
+    assert np.array_equal(ort_w, sim)
+    assert not np.array_equal(sim, w.numpy().T)
+
+
+def test_int8_per_channel_packing_is_onnxruntime_layout():
+    """Where one MatMulNBits block spans K, the quantiser's INT8 output is per channel: our packing
+    must give the same codes and scales."""
+    from onnx import numpy_helper
+
+    w_t = _bf16_weights(64, 40, seed=3).numpy().T.copy()
+    ort_w, model = _ort_dequantised(w_t, 8, 64)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    codes, scales, block = pack_int8_per_channel(w_t)
+    assert block == 64
+    assert np.array_equal(codes, inits["W_Q8"].reshape(codes.shape))
+    assert np.array_equal(scales.reshape(-1), inits["W_scales"].reshape(-1))
+    assert np.array_equal((codes.reshape(40, -1)[:, :64].astype(np.float32) - 128) * scales[:, :1], ort_w.T)
+
+
+def test_int8_scales_repeat_per_channel_over_blocks():
+    w_t = _bf16_weights(300, 8, seed=5).numpy().T.copy()
+    codes, scales, block = pack_int8_per_channel(w_t)
+    assert block == 128 and codes.shape == (8, 3, 128)
+    assert (scales == scales[:, :1]).all()
+    assert (codes.reshape(8, -1)[:, 300:] == 128).all()  # padding is the code of zero
+    deq = (codes.reshape(8, -1)[:, :300].astype(np.float32) - 128) * scales[:, :1]
+    assert np.array_equal(deq, fake_quant_weight(torch.from_numpy(w_t.T.copy()), 8, 300).numpy())

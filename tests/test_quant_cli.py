@@ -1,0 +1,52 @@
+"""`molmoact-edge quantize` end to end on a checkpoint of other widths and depths than fixture A,
+and `molmoact-edge generate --bundle` running the result on onnxruntime CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from test_quant_artifacts import OTHER
+
+from molmoact_edge.export.tiny import write_checkpoint
+
+CLI = [sys.executable, "-m", "molmoact_edge"]
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("other") / "checkpoint", OTHER, seed=11)
+
+
+@pytest.mark.parametrize("scheme", ["int4-rtn", "fp16"])
+def test_quantize_then_generate(other_checkpoint, fixture_a, tmp_path, scheme):
+    out = tmp_path / scheme
+    proc = subprocess.run([*CLI, "quantize", "--checkpoint", str(other_checkpoint), "--scheme", scheme,
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    assert "[4/4] writing" in proc.stderr  # progress lines
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["quantization"]["scheme"] == scheme
+    assert m["model"]["layers"] == OTHER.llm_layers and m["model"]["hidden_size"] == OTHER.llm_hidden
+    gen = subprocess.run([*CLI, "generate", "--bundle", str(out), "--image", str(fixture_a / "cases" / "img_256_a.png"),
+                          "--instruction", "put the red block in the bowl", "--max-new-tokens", "5", "--no-grammar",
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr
+    assert len(json.loads(gen.stdout)["token_ids"]) == 5
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--scheme", "int4-rtn", "--group-size", "100"], "power of two >= 16"),
+    (["--scheme", "int8-wo", "--group-size", "64"], "per output channel"),
+    (["--scheme", "w8a8-sq"], "planned but not implemented"),
+    (["--scheme", "fp8", "--group-size", "128"], "drop --group-size"),
+    (["--scheme", "int4-awq"], "planned but not implemented"),
+])
+def test_quantize_refuses_bad_options_with_one_error_line(tmp_path, args, message):
+    proc = subprocess.run([*CLI, "quantize", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "b"), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and message in proc.stderr and "Traceback" not in proc.stderr
