@@ -4,6 +4,7 @@ place that touches the bundle format)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from molmoact_edge.quantization import onnx_passes
 from molmoact_edge.quantization.calibration import load_calibration_set
 from molmoact_edge.quantization.recipes import Fp8Recipe, FloatRecipe, WeightOnlyRecipe
 from molmoact_edge.runtime.engine.bundle import MANIFEST, sha256_file
+from molmoact_edge.runtime.engine.manifest import Manifest
 
 
 def _tool_versions() -> dict[str, str]:
@@ -73,23 +75,27 @@ def write_quantized_bundle(src: Path, out: Path, graphs: dict[str, onnx.ModelPro
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        manifest = json.loads((tmp / MANIFEST).read_text())
+        manifest = Manifest.from_json(json.loads((tmp / MANIFEST).read_text()))
         for name, model in graphs.items():
-            f = tmp / manifest["graphs"][name]["file"]
+            f = tmp / manifest.graphs[name].file
             for stale in tmp.glob(f.name + ".data"):
                 stale.unlink()
             # protobuf cannot hold 2 GiB: large graphs keep their weights in a side file, as the export does
             big = sum(onnx_passes.initializer_bytes(model).values()) > EXTERNAL_DATA_BYTES
             onnx.save(model, str(f), save_as_external_data=big, location=f.name + ".data" if big else None)
-        opsets = {name: _default_opset(onnx.load(str(tmp / g["file"]), load_external_data=False))
-                  for name, g in manifest["graphs"].items()}
-        # Q/DQ forms raise the LLM graph's opset; the manifest says so per graph and overall
-        manifest["opset"] = max(opsets.values())
-        manifest["quantization"] = {**quantization, "graph_opsets": opsets}
-        manifest["tools"] = {**manifest.get("tools", {}), **quantization["tools"]}
-        manifest["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())
-                             if p.is_file() and p.name != MANIFEST}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        opsets = {name: _default_opset(onnx.load(str(tmp / g.file), load_external_data=False))
+                  for name, g in manifest.graphs.items()}
+        # Q/DQ forms raise the LLM graph's opset: that graph says so itself, the bundle's opset stays the export's
+        new_graphs = {name: dataclasses.replace(g, opset=None if opsets[name] == manifest.opset else opsets[name])
+                      for name, g in manifest.graphs.items()}
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
+                 if p.is_file() and p.name != MANIFEST}
+        manifest = dataclasses.replace(manifest, graphs=new_graphs, files=files,
+                                       quantization={**quantization, "graph_opsets": opsets},
+                                       tools={**manifest.tools, **quantization["tools"]})
+        text = json.dumps(manifest.to_json(), indent=2)
+        Manifest.from_json(json.loads(text))  # the reader's own checks, before the bundle appears
+        (tmp / MANIFEST).write_text(text)
         if out.exists():
             shutil.rmtree(out)
         tmp.chmod(0o755)

@@ -192,9 +192,10 @@ def _check_against_graphs(b: Bundle, infos: dict[str, GraphInfo]) -> None:
     m = b.manifest
     for name, info in infos.items():
         spec = m.graphs[name]
-        opset = info.opsets.get("")
-        if opset != m.opset:
-            raise _lie(b, "opset", m.opset, f"{spec.file} imports ONNX opset {opset}")
+        opset, want = info.opsets.get(""), spec.opset or m.opset
+        if opset != want:
+            field = f"graphs.{name}.opset" if spec.opset else "opset"
+            raise _lie(b, field, want, f"{spec.file} imports ONNX opset {opset}")
         for kind, want, got in (("inputs", spec.inputs, info.inputs), ("outputs", spec.outputs, info.outputs)):
             got_t = [(t.name, t.dtype, tuple(t.shape)) for t in got]
             want_t = [(t.name, t.dtype, tuple(t.shape)) for t in want]

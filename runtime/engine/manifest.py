@@ -114,6 +114,8 @@ class GraphSpec:
     file: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # Set where this graph's ONNX opset differs from the bundle's (a quantiser's Q/DQ graph needs 21).
+    opset: int | None = None
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> GraphSpec:
@@ -124,11 +126,16 @@ class GraphSpec:
             if not isinstance(items, list):
                 raise BundleError(f"{where}.{kind} must be a list")
             specs[kind] = tuple(TensorSpec.from_json(x, f"{where}.{kind}[{i}]") for i, x in enumerate(items))
-        return cls(check_relpath(_get(d, "file", f"{where}."), f"{where}.file"), specs["inputs"], specs["outputs"])
+        opset = d.get("opset")
+        return cls(check_relpath(_get(d, "file", f"{where}."), f"{where}.file"), specs["inputs"], specs["outputs"],
+                   None if opset is None else _int(opset, f"{where}.opset"))
 
     def to_json(self) -> dict:
-        return {"file": self.file, "inputs": [t.to_json() for t in self.inputs],
-                "outputs": [t.to_json() for t in self.outputs]}
+        d = {"file": self.file, "inputs": [t.to_json() for t in self.inputs],
+             "outputs": [t.to_json() for t in self.outputs]}
+        if self.opset is not None:
+            d["opset"] = self.opset
+        return d
 
     def tensor(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs + self.outputs if t.name == name), None)
