@@ -106,7 +106,9 @@ class FrankyArm:
         self._ops_event = threading.Event()
         self._stop_commands = threading.Event()
         self._commander: threading.Thread | None = None
+        self._inflight = 0  # ops taken off the queue and not yet carried out
         self.last_stop_sent_at: float | None = None
+        self.stops_sent = 0  # stops carried out by the command thread (tests audit this)
 
     # -- lifecycle
     def connect(self) -> FrankyArm:
@@ -250,7 +252,8 @@ class FrankyArm:
         if self._link_lost:
             raise ArmError(f"{self.name}: no robot state for {self._stale_for() * 1000:.0f} ms; motion refused")
         with self._ops_lock:
-            if self._ops and self._ops[-1] != "stop":
+            # Only an unsent target may be replaced; a queued stop keeps its place and is sent first.
+            if self._ops and isinstance(self._ops[-1], Pose):
                 self._ops[-1] = target
             else:
                 self._ops.append(target)
@@ -258,6 +261,12 @@ class FrankyArm:
 
     def poll(self) -> None:
         """Kept for the Arm interface: the command thread polls the running motion itself."""
+
+    @property
+    def pending_ops(self) -> int:
+        """Targets and stops queued or being carried out by the command thread."""
+        with self._ops_lock:
+            return len(self._ops) + self._inflight
 
     def stop(self, wait_s: float = 0.05) -> bool:
         """Queue a stop ahead of any later target; wait up to `wait_s` for it to be sent.
@@ -283,32 +292,42 @@ class FrankyArm:
             while True:
                 with self._ops_lock:
                     op = self._ops.popleft() if self._ops else None
+                    self._inflight = 1 if op is not None else 0
                 if op is None:
                     break
-                if isinstance(op, Pose):
-                    if self._link_lost or self._error is not None:
-                        continue
-                    affine = franky.Affine(np.asarray(op.position), np.asarray(op.quaternion))
-                    for attempt in (0, 1):
-                        try:
-                            self._robot.move(franky.CartesianMotion(affine), asynchronous=True)
-                            self._stopping = False
-                            break
-                        except Exception as e:
-                            # The preemption our own stop provoked can surface on the next move: retry once.
-                            if attempt == 0 and self._stopping and "preempted" in str(e).lower():
-                                continue
-                            self._set_error(f"move rejected: {type(e).__name__}: {e}")
-                else:
-                    self._send_stop()
-                    self.last_stop_sent_at = self._clock()
-                    op[1].set()
+                try:
+                    self._carry_out(franky, op)
+                finally:
+                    with self._ops_lock:
+                        self._inflight = 0
             if not self._link_lost and not self._stopping:
                 try:
                     self._robot.poll_motion()
                 except Exception as e:
                     if not (self._stopping and "preempted" in str(e).lower()):
                         self._set_error(f"motion aborted: {type(e).__name__}: {e}")
+
+    def _carry_out(self, franky, op) -> None:
+        if isinstance(op, Pose):
+            if self._link_lost or self._error is not None:
+                return
+            affine = franky.Affine(np.asarray(op.position), np.asarray(op.quaternion))
+            for attempt in (0, 1):
+                try:
+                    self._robot.move(franky.CartesianMotion(affine), asynchronous=True)
+                    self._stopping = False
+                    return
+                except Exception as e:
+                    # The preemption our own stop provoked can surface on the next move: retry once.
+                    if attempt == 0 and self._stopping and "preempted" in str(e).lower():
+                        continue
+                    self._set_error(f"move rejected: {type(e).__name__}: {e}")
+                    return
+        else:
+            self._send_stop()
+            self.last_stop_sent_at = self._clock()
+            self.stops_sent += 1
+            op[1].set()
 
     def _send_stop(self) -> None:
         self._stopping = True

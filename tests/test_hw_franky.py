@@ -94,3 +94,22 @@ def test_live_franka_reads_state_and_holds():
         time.sleep(0.2)
         assert arm.state().robot_time_s > s.robot_time_s
         assert arm.stop()
+
+
+def test_stop_is_never_replaced_by_a_later_move(sim):  # noqa: F811
+    """A target queued right after stop(wait_s=0) must not overwrite the queued stop: the stop
+    reaches franky every time, and only then the new target."""
+    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
+
+    with FrankyArm(FrankyConfig(sim.host, dynamics_factor=0.2, state_timeout_s=0.5, gripper=False)) as arm:
+        s0 = arm.state().pose
+        delivered = 0
+        for k in range(8):
+            arm.move_to(Pose(tuple(s0.p + [0.0, 0.002 * (k % 2), 0.0]), s0.quaternion))
+            before = arm.stops_sent
+            arm.stop(wait_s=0.0)
+            arm.move_to(Pose(tuple(s0.p + [0.0, -0.002, 0.0]), s0.quaternion))
+            wait_for(lambda: not arm.pending_ops, 5.0, "the command queue to drain")
+            delivered += arm.stops_sent - before
+        assert delivered == 8
+        assert arm.state().error is None
