@@ -249,3 +249,13 @@ def test_measured_pose_outside_the_box_beyond_the_margin_is_a_fault():
     assert layer.check_measured(Pose((0.77, 0.0, 0.4), HOME.quaternion)) is None  # 2 cm out: overshoot
     msg = layer.check_measured(Pose((0.79, 0.0, 0.4), HOME.quaternion))
     assert msg is not None and "40 mm outside the workspace" in msg
+
+
+def test_lead_bound_never_drags_the_target_after_the_arm():
+    layer = SafetyLayer(SafetyConfig(max_lead_m=0.04), PERIOD)
+    pushed = Pose((0.5, 0.0, 0.30), HOME.quaternion)  # the arm is 10 cm below the command (a push, a drop)
+    f = layer.filter(HOME, HOME, pushed)
+    np.testing.assert_allclose(f.target.p, HOME.p)  # holds; it does not follow the arm down
+    # And a move that would increase the lead beyond both the bound and the present lead is held back.
+    f = layer.filter(Pose((0.5, 0.0, 0.45), HOME.quaternion), HOME, pushed)
+    assert np.linalg.norm(f.target.p - pushed.p) <= 0.10 + 1e-12 and "lead_clamp" in f.interventions

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from control_helpers import sim, wait_for  # noqa: F401  (sim is a fixture)
+from control_helpers import STATE_TIMEOUT_S, sim, wait_for  # noqa: F401  (sim is a fixture)
 
 from molmoact_edge.hardware.arm import Arm, ArmError
 from molmoact_edge.hardware.deps import MissingDependencyError, require
@@ -44,7 +44,7 @@ def test_config_validation_names_field():
 def test_pose_move_gripper_and_stop(sim):  # noqa: F811
     from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
 
-    with FrankyArm(FrankyConfig(sim.host, dynamics_factor=0.2)) as arm:
+    with FrankyArm(FrankyConfig(sim.host, dynamics_factor=0.2, state_timeout_s=STATE_TIMEOUT_S)) as arm:
         assert isinstance(arm, Arm)
         s0 = arm.state()
         assert s0.error is None and s0.robot_time_s is not None
@@ -101,7 +101,7 @@ def test_stop_is_never_replaced_by_a_later_move(sim):  # noqa: F811
     reaches franky every time, and only then the new target."""
     from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
 
-    with FrankyArm(FrankyConfig(sim.host, dynamics_factor=0.2, state_timeout_s=0.5, gripper=False)) as arm:
+    with FrankyArm(FrankyConfig(sim.host, dynamics_factor=0.2, state_timeout_s=STATE_TIMEOUT_S, gripper=False)) as arm:
         s0 = arm.state().pose
         delivered = 0
         for k in range(8):

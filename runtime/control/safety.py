@@ -7,8 +7,10 @@ command, `current` the MEASURED pose):
   command, always: no other clamp may jump further (larger moves are shortened along their way);
 - inside the workspace box; when the previous command lies outside it (the arm started there),
   the target walks back toward the box at the step limit instead of jumping onto it;
-- within `max_lead_m` of the measured position: a stuck or lagging arm holds the command back
-  instead of letting it run ahead (a released arm would otherwise leap to the far target);
+- within `max_lead_m` of the measured position (or no farther than the previous command, when
+  the arm itself moved away): a stuck or lagging arm holds the command back instead of letting it
+  run ahead (a released arm would otherwise leap to the far target); the bound only ever holds a
+  target back, it never drags it after the arm;
 - its tool axis (the gripper's z axis) within `max_tilt_rad` of the tool axis at the start pose
   (rotation about the tool axis is free), so no policy can turn the gripper up or sideways.
 `check_measured` watches the arm itself: the measured position leaving the box by more than
@@ -150,6 +152,23 @@ class SafetyLayer:
         self._count(out, "tilt_clamp")
         return quat_normalize(quat_multiply(rotvec_to_quat(n * (angle - self.config.max_tilt_rad)), q))
 
+    def _hold_lead(self, prev: np.ndarray, step: np.ndarray, arm: np.ndarray, out: Filtered) -> np.ndarray:
+        """Shorten `step` so that the target ends within max_lead_m of the measured position `arm`
+        (or no farther than the previous command was, if that was already farther).
+
+        Only ever shortens: the target is never pulled toward the arm. Pulling it along would make
+        the command chase an arm that overshoots or is pushed away, which drives it further.
+        """
+        radius = max(self.config.max_lead_m, float(np.linalg.norm(prev - arm)))
+        rel = prev - arm
+        if float(np.linalg.norm(rel + step)) <= radius:
+            return step
+        self._count(out, "lead_clamp")
+        # Largest alpha in [0, 1] with |rel + alpha * step| <= radius (alpha = 0 qualifies).
+        a, b, k = float(step @ step), float(step @ rel), float(rel @ rel) - radius * radius
+        alpha = (-b + np.sqrt(max(b * b - a * k, 0.0))) / a
+        return step * min(1.0, max(0.0, alpha))
+
     def filter(self, desired: Pose, previous: Pose, current: Pose | None = None) -> Filtered:
         """The target to command this step, given the desired one, the previous command and the
         measured pose (`current`; None only in tests of the step limits alone)."""
@@ -160,23 +179,18 @@ class SafetyLayer:
             return out
         c = self.config
         lo, hi = np.asarray(c.workspace_min), np.asarray(c.workspace_max)
-        # Where the target may go: the desired position clamped into the box, then pulled to within
-        # max_lead_m of the measured arm (both convex; the box is applied last so the goal is always
-        # inside it, and it lies in both whenever the arm is inside the box).
         goal = np.clip(p, lo, hi)
         if not np.array_equal(goal, p):
             self._count(out, "workspace_clamp")
-        if current is not None:
-            lead = goal - current.p
-            if float(np.linalg.norm(lead)) > c.max_lead_m:
-                goal = np.clip(current.p + _limit(lead, c.max_lead_m), lo, hi)
-                self._count(out, "lead_clamp")
-        # The only move: from the previous command toward the goal, never more than one step. When
-        # the previous command lies outside the box (or beyond the lead), this walks it back.
-        step = goal - previous.p
-        if float(np.linalg.norm(step)) > self.max_step_m:
+        # The only move: from the previous command toward the goal, never more than one step. Both
+        # ends lie in the (convex) box unless the previous command is outside it; then this walks
+        # it back toward the box.
+        step = _limit(goal - previous.p, self.max_step_m)
+        if not np.allclose(step, goal - previous.p, rtol=0, atol=1e-12):
             self._count(out, "step_clamp" if c.contains(previous.p) else "return_to_box")
-        p = previous.p + _limit(step, self.max_step_m)
+        if current is not None:
+            step = self._hold_lead(previous.p, step, current.p, out)
+        p = previous.p + step
         if self.axis0 is None:
             self.anchor(current if current is not None else previous)
         q = self._cone(q, out)
