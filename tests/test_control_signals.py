@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -62,15 +61,19 @@ def started_run(tmp_path):
         pytest.skip("franky-sim / franky-control not installed: pip install molmoact-edge[robot,test]")
     write_folder(tmp_path / "frames", 10)
     log = tmp_path / "run.jsonl"
+    # Output to a file, not a pipe: a child that outlives the run (the failure under test) would
+    # hold a pipe open and hang the test instead of failing it.
+    out = open(tmp_path / "out.txt", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "molmoact_edge", "run", "--camera", f"replay:{tmp_path / 'frames'}", "--robot", "sim",
          "--instruction", "move", "--policy", "scripted", "--worker", "process", "--duration", "60", "--log", str(log)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=out, stderr=subprocess.STDOUT, text=True,
     )
+    kids: set[int] = set()
     try:
         wait_for(lambda: any(r["kind"] == "command" for r in records(log)) or proc.poll() is not None, 60.0,
                  "the run to send its first command")
-        assert proc.poll() is None, proc.communicate()[0]
+        assert proc.poll() is None, (tmp_path / "out.txt").read_text()
         kids = children(proc.pid)
         names = " | ".join(cmdline(k) for k in kids)
         # franky-sim, the inference worker and multiprocessing's resource tracker
@@ -79,14 +82,18 @@ def started_run(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.communicate()
+        proc.wait(timeout=30)
+        for k in kids:  # whatever the test found still alive: not left behind on this machine
+            if alive(k):
+                os.kill(k, signal.SIGKILL)
+        out.close()
 
 
 def test_sigterm_takes_the_ctrl_c_stop_path_and_leaves_no_child(started_run):
     proc, log, kids = started_run
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 130, out
+    proc.wait(timeout=30)
+    assert proc.returncode == 130, Path(log.parent / "out.txt").read_text()
     recs = records(log)
     stop = [r for r in recs if r["kind"] == "stop"][-1]
     assert stop["fault"] == "interrupted" and "SIGTERM" in stop["message"] and stop["sent"] is True
@@ -98,6 +105,6 @@ def test_sigterm_takes_the_ctrl_c_stop_path_and_leaves_no_child(started_run):
 def test_sigkill_of_the_run_leaves_no_child(started_run):
     proc, log, kids = started_run
     proc.kill()
-    proc.communicate(timeout=10)
+    proc.wait(timeout=10)
     wait_for(lambda: not any(alive(k) for k in kids), 10.0,
              "every child to notice the dead parent: " + " | ".join(cmdline(k) for k in kids if alive(k)))
