@@ -93,6 +93,7 @@ def _serve(spec: PolicySpec, requests, responses, stop: Callable[[], bool], cloc
 
 
 PARENT_CHECK_S = 0.2  # how often the worker process looks for its parent
+CLOSE_TIMEOUT_S = 3.5  # the most `InferenceWorker.close` takes, even with a hung policy
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
@@ -214,17 +215,18 @@ class InferenceWorker:
                 self._requests.put_nowait(None)
             except Exception:
                 pass
+            # At most CLOSE_TIMEOUT_S in all: a polite second, then SIGTERM, then SIGKILL.
             self._proc.join(timeout=1.0)
             if self._proc.is_alive():
                 self._proc.terminate()
-                self._proc.join(timeout=2.0)
+                self._proc.join(timeout=1.0)
             if self._proc.is_alive():
                 self._proc.kill()
-                self._proc.join(timeout=2.0)
+                self._proc.join(timeout=1.0)
             self._requests.cancel_join_thread()
             self._requests.close()
             if self._rx is not None:
-                self._rx.join(timeout=1.0)
+                self._rx.join(timeout=0.5)  # it polls its stop flag every 0.2 s
                 self._rx = None
             self._proc = None
 
