@@ -211,10 +211,26 @@ def test_sim_killed_mid_motion_stops(tmp_path, frames_dir):
 
 
 def test_ctrl_c_stops_the_arm_and_joins_the_worker(sim, frames_dir, tmp_path):  # noqa: F811
-    def interrupt_later(loop, arm):
-        threading.Timer(1.0, _thread.interrupt_main).start()
+    import signal
 
-    result, records, *_ = run_loop(sim.host, frames_dir / "loop", tmp_path, duration=8.0, during=interrupt_later)
+    # Python's own SIGINT handler, as in a fresh `molmoact-edge run` (interrupt_main does nothing
+    # when a library of an earlier test replaced it).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def interrupt_later(loop, arm):
+        def interrupt():
+            # Once the loop is moving the arm (a loaded machine may take a while to get there).
+            deadline = time.monotonic() + 30.0
+            while loop.status.commands < 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            _thread.interrupt_main()
+
+        threading.Thread(target=interrupt, daemon=True).start()
+
+    try:
+        result, records, *_ = run_loop(sim.host, frames_dir / "loop", tmp_path, duration=30.0, during=interrupt_later)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert result.reason == "interrupted" and result.exit_code == 130
     assert stops(records)[-1]["fault"] == "interrupted"
     assert_no_command_after_final_stop(records)
