@@ -124,6 +124,7 @@ class FrankyArm:
         self._monitor: threading.Thread | None = None
         self._stop_monitor = threading.Event()
         self._stopping = False
+        self._preempt_expected_until = 0.0  # our own stop's preemption may surface until then
         self._gripper_width: float | None = None
         self._gripper_wanted: bool | None = None
         self._gripper_thread: threading.Thread | None = None
@@ -335,7 +336,7 @@ class FrankyArm:
                 try:
                     self._robot.poll_motion()
                 except Exception as e:
-                    if not (self._stopping and "preempted" in str(e).lower()):
+                    if not self._own_preemption(e):
                         self._set_error(f"motion aborted: {type(e).__name__}: {e}")
 
     def _carry_out(self, franky, op) -> None:
@@ -350,7 +351,7 @@ class FrankyArm:
                     return
                 except Exception as e:
                     # The preemption our own stop provoked can surface on the next move: retry once.
-                    if attempt == 0 and self._stopping and "preempted" in str(e).lower():
+                    if attempt == 0 and self._own_preemption(e):
                         continue
                     self._set_error(f"move rejected: {type(e).__name__}: {e}")
                     return
@@ -360,8 +361,15 @@ class FrankyArm:
             self.stops_sent += 1
             op[1].set()
 
+    def _own_preemption(self, e: Exception) -> bool:
+        # A stop preempts the running motion; libfranka may report that on the next poll or move,
+        # even after a new motion started. Only our own stop preempts a motion, so within a second
+        # of one it is not a fault.
+        return "preempted" in str(e).lower() and (self._stopping or self._clock() < self._preempt_expected_until)
+
     def _send_stop(self) -> None:
         self._stopping = True
+        self._preempt_expected_until = self._clock() + 1.0
         if self._link_lost:
             # Nothing can reach the controller; it stops the arm by itself when the command stream
             # it expects every millisecond stops arriving (libfranka's communication reflex).
