@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -75,7 +76,22 @@ def _check_molmoact(options: dict) -> None:
     convention_for(cfg.convention or key)
 
 
+def _sigterm_as_interrupt(signum, frame) -> None:
+    # `kill`, systemd and container stops send SIGTERM: take the Ctrl-C path (stop the arm, log the
+    # stop and the end, join the worker). Once: a second SIGTERM must not cut that cleanup short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def run(args: argparse.Namespace) -> int:
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     from molmoact_edge.hardware.arm import ArmError
     from molmoact_edge.hardware.camera import CameraError, CameraSet
     from molmoact_edge.hardware.deps import MissingDependencyError

@@ -18,6 +18,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+CLOSE_TIMEOUT_S = 2.0  # the most a camera's close() waits for its capture thread
 
 
 class CameraError(RuntimeError):
@@ -150,9 +151,11 @@ class ThreadedCamera:
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5.0)
+            # A grab returns within about a second (RealSense waits up to frame_timeout_ms = 1 s);
+            # a thread stuck longer in a driver is left behind (daemon) so that exit stays bounded.
+            self._thread.join(timeout=CLOSE_TIMEOUT_S)
             if self._thread.is_alive():
-                log.warning("camera %s: capture thread did not stop within 5 s", self.name)
+                log.warning("camera %s: capture thread did not stop within %.0f s", self.name, CLOSE_TIMEOUT_S)
             self._thread = None
         self._release()
 

@@ -9,11 +9,17 @@ Four things libfranka does not do for a streaming controller, done here:
   controller's clock stops advancing, so `state()` never blocks the control loop;
 - a command thread: move/stop/poll calls happen there, never in the control thread, because any
   franky call waits on the robot lock that a blocked state read holds;
-- errors remembered and reported through `state().error` instead of surfacing on a later call.
+- errors remembered and reported through `state().error` instead of surfacing on a later call;
+- a bounded `close()`: libfranka can block without end once the link is gone (the `Robot`
+  destructor waiting for a Move reply that never comes; seen once in the sim tests, >8 min). A
+  robot or gripper object that was not left clean (link lost, error, stop unconfirmed, its thread
+  still busy) is therefore never destroyed: it is leaked on purpose until the process exits, when
+  the operating system closes its sockets. `close()` returns within `close_timeout_s`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import socket
 import threading
@@ -43,6 +49,21 @@ def franky_module():
     return require("franky", "franky-control")
 
 
+_ABANDONED: list = []  # franky objects whose destructor may block forever (see close())
+
+
+def _abandon(obj) -> None:
+    """Keep `obj` alive until the process ends: one extra reference that nothing ever drops, so
+    its destructor runs neither now nor when the interpreter clears its modules at exit."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+    _ABANDONED.append(obj)
+
+
+def _joined(thread: threading.Thread, deadline: float) -> bool:
+    thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    return not thread.is_alive()
+
+
 def probe(host: str, port: int = FCI_PORT, timeout_s: float = 2.0) -> None:
     """Raise ArmError naming the fix unless `host:port` accepts a TCP connection within the deadline."""
     try:
@@ -69,6 +90,9 @@ class FrankyConfig:
     gripper_open_width: float = 0.08  # m
     realtime: bool = False  # True on an RT kernel: libfranka then enforces real-time scheduling
     monitor_period_s: float = 0.005  # 200 Hz: plenty for a 100 ms staleness limit, light on the GIL
+    # close() returns within this, whatever libfranka does: 1 s for the stop to be confirmed, the
+    # rest for the threads (a state read on a dead link blocks about 1 s; a grasp may run longer).
+    close_timeout_s: float = 3.0
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -79,6 +103,8 @@ class FrankyConfig:
             raise ValueError(f"FrankyConfig.connect_timeout_s must be positive, got {self.connect_timeout_s}")
         if not (0.005 <= self.state_timeout_s <= 5.0):
             raise ValueError(f"FrankyConfig.state_timeout_s must be in [0.005, 5] s, got {self.state_timeout_s}")
+        if not (1.5 <= self.close_timeout_s <= 30.0):
+            raise ValueError(f"FrankyConfig.close_timeout_s must be in [1.5, 30] s, got {self.close_timeout_s}")
         if not (0.0 < self.gripper_open_width <= 0.08):
             raise ValueError(f"FrankyConfig.gripper_open_width must be in (0, 0.08] m, got {self.gripper_open_width}")
 
@@ -98,6 +124,7 @@ class FrankyArm:
         self._monitor: threading.Thread | None = None
         self._stop_monitor = threading.Event()
         self._stopping = False
+        self._preempt_expected_until = 0.0  # our own stop's preemption may surface until then
         self._gripper_width: float | None = None
         self._gripper_wanted: bool | None = None
         self._gripper_thread: threading.Thread | None = None
@@ -106,7 +133,9 @@ class FrankyArm:
         self._ops_event = threading.Event()
         self._stop_commands = threading.Event()
         self._commander: threading.Thread | None = None
+        self._inflight = 0  # ops taken off the queue and not yet carried out
         self.last_stop_sent_at: float | None = None
+        self.stops_sent = 0  # stops carried out by the command thread (tests audit this)
 
     # -- lifecycle
     def connect(self) -> FrankyArm:
@@ -163,21 +192,26 @@ class FrankyArm:
         return self
 
     def close(self) -> None:
-        if self._robot is not None:
-            self.stop(wait_s=1.5)
+        """Stop, end the threads and release franky, within `close_timeout_s` whatever libfranka does."""
+        deadline = time.monotonic() + self.config.close_timeout_s
+        link_ok = self._robot is None or not self._link_lost  # judged before the monitor stops
+        confirmed = self.stop(wait_s=1.0) if self._robot is not None else True
         self._stop_commands.set()
-        if self._commander is not None:
-            self._commander.join(timeout=2.0)
-            self._commander = None
         self._stop_monitor.set()
-        if self._monitor is not None:
-            self._monitor.join(timeout=2.0)  # a read blocks at most ~1 s on a dead connection
-            self._monitor = None
-        if self._gripper_thread is not None:
-            self._gripper_thread.join(timeout=3.0)  # a gripper move in progress finishes first
-            self._gripper_thread = None
-        self._robot = None
-        self._gripper = None
+        # One shared deadline for the three threads (a read on a dead link blocks about 1 s, a grasp
+        # in progress finishes first).
+        busy = [t for t in (self._commander, self._monitor, self._gripper_thread)
+                if t is not None and not _joined(t, deadline)]
+        self._commander = self._monitor = self._gripper_thread = None
+        clean = link_ok and confirmed and not busy and self._error is None
+        robot, gripper, self._robot, self._gripper = self._robot, self._gripper, None, None
+        for obj in (robot, gripper):
+            if obj is not None and not clean:
+                _abandon(obj)
+        if busy:
+            log.warning("%s: %s still inside libfranka after %.1f s; left behind (daemon)", self.name,
+                        ", ".join(t.name for t in busy), self.config.close_timeout_s)
+        del robot, gripper  # clean: franky closes the connection now
 
     def __enter__(self) -> FrankyArm:
         return self.connect()
@@ -250,7 +284,8 @@ class FrankyArm:
         if self._link_lost:
             raise ArmError(f"{self.name}: no robot state for {self._stale_for() * 1000:.0f} ms; motion refused")
         with self._ops_lock:
-            if self._ops and self._ops[-1] != "stop":
+            # Only an unsent target may be replaced; a queued stop keeps its place and is sent first.
+            if self._ops and isinstance(self._ops[-1], Pose):
                 self._ops[-1] = target
             else:
                 self._ops.append(target)
@@ -258,6 +293,12 @@ class FrankyArm:
 
     def poll(self) -> None:
         """Kept for the Arm interface: the command thread polls the running motion itself."""
+
+    @property
+    def pending_ops(self) -> int:
+        """Targets and stops queued or being carried out by the command thread."""
+        with self._ops_lock:
+            return len(self._ops) + self._inflight
 
     def stop(self, wait_s: float = 0.05) -> bool:
         """Queue a stop ahead of any later target; wait up to `wait_s` for it to be sent.
@@ -283,35 +324,52 @@ class FrankyArm:
             while True:
                 with self._ops_lock:
                     op = self._ops.popleft() if self._ops else None
+                    self._inflight = 1 if op is not None else 0
                 if op is None:
                     break
-                if isinstance(op, Pose):
-                    if self._link_lost or self._error is not None:
-                        continue
-                    affine = franky.Affine(np.asarray(op.position), np.asarray(op.quaternion))
-                    for attempt in (0, 1):
-                        try:
-                            self._robot.move(franky.CartesianMotion(affine), asynchronous=True)
-                            self._stopping = False
-                            break
-                        except Exception as e:
-                            # The preemption our own stop provoked can surface on the next move: retry once.
-                            if attempt == 0 and self._stopping and "preempted" in str(e).lower():
-                                continue
-                            self._set_error(f"move rejected: {type(e).__name__}: {e}")
-                else:
-                    self._send_stop()
-                    self.last_stop_sent_at = self._clock()
-                    op[1].set()
+                try:
+                    self._carry_out(franky, op)
+                finally:
+                    with self._ops_lock:
+                        self._inflight = 0
             if not self._link_lost and not self._stopping:
                 try:
                     self._robot.poll_motion()
                 except Exception as e:
-                    if not (self._stopping and "preempted" in str(e).lower()):
+                    if not self._own_preemption(e):
                         self._set_error(f"motion aborted: {type(e).__name__}: {e}")
+
+    def _carry_out(self, franky, op) -> None:
+        if isinstance(op, Pose):
+            if self._link_lost or self._error is not None:
+                return
+            affine = franky.Affine(np.asarray(op.position), np.asarray(op.quaternion))
+            for attempt in (0, 1):
+                try:
+                    self._robot.move(franky.CartesianMotion(affine), asynchronous=True)
+                    self._stopping = False
+                    return
+                except Exception as e:
+                    # The preemption our own stop provoked can surface on the next move: retry once.
+                    if attempt == 0 and self._own_preemption(e):
+                        continue
+                    self._set_error(f"move rejected: {type(e).__name__}: {e}")
+                    return
+        else:
+            self._send_stop()
+            self.last_stop_sent_at = self._clock()
+            self.stops_sent += 1
+            op[1].set()
+
+    def _own_preemption(self, e: Exception) -> bool:
+        # A stop preempts the running motion; libfranka may report that on the next poll or move,
+        # even after a new motion started. Only our own stop preempts a motion, so within a second
+        # of one it is not a fault.
+        return "preempted" in str(e).lower() and (self._stopping or self._clock() < self._preempt_expected_until)
 
     def _send_stop(self) -> None:
         self._stopping = True
+        self._preempt_expected_until = self._clock() + 1.0
         if self._link_lost:
             # Nothing can reach the controller; it stops the arm by itself when the command stream
             # it expects every millisecond stops arriving (libfranka's communication reflex).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -90,13 +91,51 @@ def resolve_serial(serial: str | None, devices: list[RealSenseDevice]) -> str:
     return serial
 
 
-class RealSenseCamera(ThreadedCamera):
-    def __init__(self, config: RealSenseConfig = RealSenseConfig(), clock: Clock = time.monotonic) -> None:
-        super().__init__(name=f"realsense:{config.serial or 'auto'}", clock=clock)
-        self.config = config
+class PipelineCamera(ThreadedCamera):
+    """What a live RealSense and a recording's playback share: one pyrealsense2 pipeline, an
+    optional depth-to-colour alignment, the depth scale, and a release that tolerates a pipeline
+    already stopped (a device unplugged)."""
+
+    def __init__(self, name: str, clock: Clock = time.monotonic) -> None:
+        super().__init__(name=name, clock=clock)
         self._pipeline = None
         self._align = None
         self._depth_scale = 0.001
+
+    def _start(self, rs, cfg, explain: Callable[[RuntimeError], str]):
+        """Start a pipeline on `cfg` and return its profile; a failure raises CameraError(explain(e))."""
+        pipeline = rs.pipeline()
+        try:
+            profile = pipeline.start(cfg)
+        except RuntimeError as e:
+            raise CameraError(explain(e)) from e
+        self._pipeline = pipeline
+        return profile
+
+    def _read_depth_scale(self, profile) -> None:
+        try:
+            self._depth_scale = float(profile.get_device().first_depth_sensor().get_depth_scale())
+        except RuntimeError:
+            self._depth_scale = 0.001  # a recording without the sensor's options: librealsense's default
+
+    def _arrays(self, fs):
+        if self._align is not None:
+            fs = self._align.process(fs)
+        return frameset_to_arrays(fs, self._depth_scale)
+
+    def _release(self) -> None:
+        if self._pipeline is not None:
+            try:
+                self._pipeline.stop()
+            except RuntimeError:
+                pass  # already stopped (device unplugged); nothing left to release
+            self._pipeline = None
+
+
+class RealSenseCamera(PipelineCamera):
+    def __init__(self, config: RealSenseConfig = RealSenseConfig(), clock: Clock = time.monotonic) -> None:
+        super().__init__(name=f"realsense:{config.serial or 'auto'}", clock=clock)
+        self.config = config
 
     def _open(self) -> Intrinsics:
         rs = rs_module()
@@ -111,34 +150,17 @@ class RealSenseCamera(ThreadedCamera):
         if c.record_to:
             Path(c.record_to).parent.mkdir(parents=True, exist_ok=True)
             cfg.enable_record_to_file(str(c.record_to))
-        pipeline = rs.pipeline()
-        try:
-            profile = pipeline.start(cfg)
-        except RuntimeError as e:
-            raise CameraError(
-                f"RealSense {serial} did not start {c.width}x{c.height}@{c.fps} colour"
-                f"{' + depth' if c.depth else ''}: {e}. Try another resolution/fps that the model "
-                f"supports (`rs-enumerate-devices -s`) or a USB3 port. {NO_DEVICE_FIX}"
-            ) from e
-        self._pipeline = pipeline
+        profile = self._start(rs, cfg, lambda e: (
+            f"RealSense {serial} did not start {c.width}x{c.height}@{c.fps} colour"
+            f"{' + depth' if c.depth else ''}: {e}. Try another resolution/fps that the model "
+            f"supports (`rs-enumerate-devices -s`) or a USB3 port. {NO_DEVICE_FIX}"))
         if c.depth:
-            self._depth_scale = float(profile.get_device().first_depth_sensor().get_depth_scale())
+            self._read_depth_scale(profile)
             self._align = rs.align(rs.stream.color)
         return intrinsics_from_profile(profile.get_stream(rs.stream.color))
 
     def _grab(self):
-        fs = self._pipeline.wait_for_frames(self.config.frame_timeout_ms)
-        if self._align is not None:
-            fs = self._align.process(fs)
-        return frameset_to_arrays(fs, self._depth_scale)
-
-    def _release(self) -> None:
-        if self._pipeline is not None:
-            try:
-                self._pipeline.stop()
-            except RuntimeError:
-                pass  # already stopped (device unplugged); nothing left to release
-            self._pipeline = None
+        return self._arrays(self._pipeline.wait_for_frames(self.config.frame_timeout_ms))
 
 
 def intrinsics_from_profile(stream_profile) -> Intrinsics:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .camera import CameraError, Clock, Intrinsics, ThreadedCamera
-from .realsense import frameset_to_arrays, intrinsics_from_profile, rs_module
+from .realsense import PipelineCamera, intrinsics_from_profile, rs_module
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -48,37 +48,26 @@ def open_replay(config: ReplayConfig, clock: Clock = time.monotonic) -> Threaded
     raise CameraError(f"replay source {p}: expected a .db3 (or .bag) recording or an image folder")
 
 
-class RecordingReplayCamera(ThreadedCamera):
+class RecordingReplayCamera(PipelineCamera):
     def __init__(self, config: ReplayConfig, clock: Clock = time.monotonic) -> None:
         super().__init__(name=f"replay:{Path(config.path).name}", clock=clock)
         self.config = config
-        self._pipeline = None
-        self._align = None
-        self._depth_scale = 0.001
 
     def _open(self) -> Intrinsics:
         rs = rs_module()
         cfg = rs.config()
         cfg.enable_device_from_file(str(self.config.path), repeat_playback=self.config.loop)
-        pipeline = rs.pipeline()
-        try:
-            profile = pipeline.start(cfg)
-        except RuntimeError as e:
-            raise CameraError(f"cannot play {self.config.path}: {e}. Is it a librealsense recording?") from e
-        self._pipeline = pipeline
+        profile = self._start(rs, cfg, lambda e: f"cannot play {self.config.path}: {e}. Is it a librealsense recording?")
         self._rs = rs
         playback = profile.get_device().as_playback()
         playback.set_real_time(self.config.realtime)
         streams = {s.stream_type(): s for s in profile.get_streams()}
         if rs.stream.color not in streams:
-            pipeline.stop()
+            self._release()
             raise CameraError(f"{self.config.path} has no colour stream; the policy needs RGB images")
         color_intr = intrinsics_from_profile(streams[rs.stream.color])
         if rs.stream.depth in streams:
-            try:
-                self._depth_scale = float(profile.get_device().first_depth_sensor().get_depth_scale())
-            except RuntimeError:
-                self._depth_scale = 0.001
+            self._read_depth_scale(profile)
             # Recordings written by DB3Writer already hold depth aligned to colour (same intrinsics);
             # re-aligning would resample it. A raw RealSense recording has distinct depth optics.
             if intrinsics_from_profile(streams[rs.stream.depth]) != color_intr:
@@ -93,19 +82,9 @@ class RecordingReplayCamera(ThreadedCamera):
                 if self._playback.current_status() == self._rs.playback_status.stopped:
                     return None  # end of a non-looping recording
                 continue
-            if self._align is not None:
-                fs = self._align.process(fs)
             if fs.get_color_frame():
-                return frameset_to_arrays(fs, self._depth_scale)
+                return self._arrays(fs)
         return None
-
-    def _release(self) -> None:
-        if self._pipeline is not None:
-            try:
-                self._pipeline.stop()
-            except RuntimeError:
-                pass
-            self._pipeline = None
 
 
 class FolderReplayCamera(ThreadedCamera):

@@ -12,6 +12,12 @@ from molmoact_edge.hardware.camera import Intrinsics
 
 INTR = Intrinsics(64, 48, 50.0, 50.0, 32.0, 24.0)
 
+# Test-only "no new robot state" limit for franky-sim (the driver's default is 100 ms). On a loaded
+# 2-core CI machine the simulator or our monitor thread can miss 100 ms of CPU and the watchdog
+# fires on a healthy link (3 of 6 reruns failed that way). The tests check what the watchdog does,
+# not how fast a shared CPU is; the sim-killed test asserts detection against this same limit.
+STATE_TIMEOUT_S = 0.5
+
 
 def synthetic_frames(n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -60,20 +66,28 @@ def sim():
 
 
 def check_commands(records: list[dict], safety, period: float) -> dict:
-    """Independent audit of every commanded target in a run log against the workspace and step limits.
+    """Independent audit of every commanded target in a run log against the safety limits.
 
-    Recomputed from the raw log, not from the safety layer's own flags. Returns worst values.
+    Recomputed from the raw log, not from the safety layer's own flags: inside the workspace, one
+    step at most from the previous command (or from the measured pose after a start or stop: no
+    clamp may jump), near the measured pose, tool axis inside the cone around the start pose.
+    Returns the worst values.
     """
     lo, hi = np.asarray(safety.workspace_min), np.asarray(safety.workspace_max)
     max_step = safety.max_speed_m_s * period
     max_rot = safety.max_rot_speed_rad_s * period
     from molmoact_edge.hardware.geometry import quat_angle
+    from molmoact_edge.runtime.control.safety import tilt, tool_axis
 
     # pose_outside_m: how far the *measured* arm went outside the box (overshoot); reported, not a
     # property of the commands.
-    worst = {"outside_m": 0.0, "step_m": 0.0, "step_rad": 0.0, "commands": 0, "pose_outside_m": 0.0}
+    worst = {"outside_m": 0.0, "step_m": 0.0, "step_rad": 0.0, "commands": 0, "pose_outside_m": 0.0,
+             "lead_m": 0.0, "tilt_rad": 0.0}
     prev = None
+    axis0 = None
     for r in records:
+        if r["kind"] == "anchor":
+            axis0 = tool_axis(np.asarray(r["pose"]["q"]))
         if r["kind"] == "stop":
             prev = None  # after a stop the executor re-anchors at the measured pose
             continue
@@ -83,21 +97,32 @@ def check_commands(records: list[dict], safety, period: float) -> dict:
         p = np.asarray(r["target"]["p"])
         q = np.asarray(r["target"]["q"])
         assert np.all(np.isfinite(p)) and np.all(np.isfinite(q)), f"non-finite command {r}"
-        worst["outside_m"] = max(worst["outside_m"], float(np.max(np.maximum(lo - p, 0) + np.maximum(p - hi, 0))))
-        m = np.asarray(r["pose"]["p"])
-        worst["pose_outside_m"] = max(worst["pose_outside_m"], float(np.max(np.maximum(lo - m, 0) + np.maximum(m - hi, 0))))
         ref_p = np.asarray(prev["p"] if prev is not None else r["pose"]["p"])
         ref_q = np.asarray(prev["q"] if prev is not None else r["pose"]["q"])
-        if prev is not None or np.all((ref_p >= lo) & (ref_p <= hi)):
-            # (the first command after a start or stop may jump from a measured pose outside the box
-            # onto it: the box wins over the step limit)
-            worst["step_m"] = max(worst["step_m"], float(np.linalg.norm(p - ref_p)))
+        out = float(np.max(np.maximum(lo - p, 0) + np.maximum(p - hi, 0)))
+        if out > 1e-5:  # only a command walking back from outside the box may lie outside it
+            ref_out = float(np.max(np.maximum(lo - ref_p, 0) + np.maximum(ref_p - hi, 0)))
+            assert out < ref_out, f"a command left the workspace by {out} m"
+        else:
+            worst["outside_m"] = max(worst["outside_m"], out)
+        m = np.asarray(r["pose"]["p"])
+        worst["pose_outside_m"] = max(worst["pose_outside_m"], float(np.max(np.maximum(lo - m, 0) + np.maximum(m - hi, 0))))
+        lead = float(np.linalg.norm(p - m))
+        # The target keeps within max_lead_m of the arm, or no farther than the previous command
+        # was when the arm itself moved away (it is held back, never dragged after the arm).
+        allowed = max(safety.max_lead_m, float(np.linalg.norm(ref_p - m)))
+        assert lead <= allowed + 1e-5, f"a command led the arm by {lead} m > {allowed} m: {r}"
+        worst["lead_m"] = max(worst["lead_m"], lead)
+        worst["step_m"] = max(worst["step_m"], float(np.linalg.norm(p - ref_p)))
         worst["step_rad"] = max(worst["step_rad"], quat_angle(ref_q, q))
+        if axis0 is not None:
+            worst["tilt_rad"] = max(worst["tilt_rad"], tilt(q, axis0))
         prev = r["target"]
     # 1e-5: the log rounds to 6 decimals
     assert worst["outside_m"] <= 1e-5, f"a command left the workspace by {worst['outside_m']} m"
     assert worst["step_m"] <= max_step + 1e-5, f"a command stepped {worst['step_m']} m > {max_step} m"
     assert worst["step_rad"] <= max_rot + 1e-4, f"a command rotated {worst['step_rad']} rad > {max_rot} rad"
+    assert worst["tilt_rad"] <= safety.max_tilt_rad + 1e-3, f"a command tilted the tool {worst['tilt_rad']} rad"
     return worst
 
 

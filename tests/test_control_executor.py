@@ -171,3 +171,91 @@ def test_watchdog_faults_and_their_times():
 def test_safety_config_validation_names_field(kw, match):
     with pytest.raises(ValueError, match=match):
         SafetyConfig(**kw)
+
+
+# -- limits that follow the measured arm (issue 9, item 5)
+
+def run_plan(ex, actions, current_of, ticks, t0=100.0):
+    """Feed one chunk, then tick; `current_of(k, last_target)` is the measured pose at tick k."""
+    ex.accept(chunk(actions, obs_t=t0), t0, HOME)
+    t, out, last = t0, [], None
+    for k in range(ticks):
+        t += PERIOD
+        cur = current_of(k, last)
+        s = ex.step(t, cur)
+        if s.target is not None:
+            last = s.target
+        out.append((cur, last, s.interventions))
+    return out
+
+
+def test_command_never_leads_a_stuck_arm_by_more_than_the_bound():
+    ex = make_executor(max_lead_m=0.04)
+    # Eight actions of +3 cm each: 0.24 m in 0.8 s (the plan is within the 0.25 m/s step limit...
+    # almost), while the arm does not move at all.
+    ticks = run_plan(ex, steps_x(8, dx=0.03), lambda k, last: HOME, 200)
+    leads = [np.linalg.norm(last.p - cur.p) for cur, last, _ in ticks if last is not None]
+    assert max(leads) <= 0.04 + 1e-12
+    assert max(leads) > 0.039  # it does move up to the bound
+    assert any("lead_clamp" in iv for *_, iv in ticks)
+
+
+def test_command_follows_the_arm_once_it_moves_again():
+    ex = make_executor(max_lead_m=0.04)
+    # The arm is stuck for 1 s, then tracks the command perfectly: the target resumes at step pace.
+    ticks = run_plan(ex, steps_x(8, dx=0.02), lambda k, last: HOME if k < 50 or last is None else last, 120)
+    xs = [last.p[0] for _, last, _ in ticks if last is not None]
+    assert np.all(np.diff(xs) <= 0.25 * PERIOD + 1e-12)
+    assert xs[-1] == pytest.approx(0.5 + 0.16)
+
+
+def test_previous_target_outside_the_box_walks_back_at_the_step_limit():
+    layer = SafetyLayer(SafetyConfig(), PERIOD)
+    outside = Pose((0.95, 0.0, 0.4), HOME.quaternion)  # 0.2 m beyond workspace_max x = 0.75
+    previous, xs = outside, []
+    for _ in range(100):  # 0.45 m at 5 mm per tick
+        f = layer.filter(HOME, previous, previous)  # the arm follows the command exactly
+        assert np.linalg.norm(f.target.p - previous.p) <= layer.max_step_m + 1e-12
+        previous = f.target
+        xs.append(previous.p[0])
+    assert np.all(np.diff(xs[:90]) < 0)  # straight back toward the box, never a jump onto it
+    assert xs[-1] == pytest.approx(0.5)
+    assert layer.counts.get("return_to_box", 0) >= 40
+
+
+def test_orientation_stays_in_the_cone_around_the_start_tool_axis():
+    from molmoact_edge.runtime.control.safety import tilt, tool_axis
+
+    layer = SafetyLayer(SafetyConfig(max_tilt_rad=0.5), PERIOD)
+    layer.anchor(HOME)
+    up = Pose(HOME.position, (0.0, 0.0, 0.0, 1.0))  # identity: the gripper points up, 180 degrees away
+    previous, tilts = HOME, []
+    for _ in range(400):
+        f = layer.filter(up, previous, previous)
+        previous = f.target
+        tilts.append(tilt(previous.q, tool_axis(HOME.q)))
+    assert max(tilts) <= 0.5 + 1e-6 and tilts[-1] == pytest.approx(0.5, abs=1e-6)
+    assert "tilt_clamp" in layer.counts
+    # Turning about the tool axis itself is not restricted.
+    yaw = Pose(HOME.position, (np.cos(0.6), np.sin(0.6), 0.0, 0.0))  # 1.2 rad about the tool axis
+    previous = HOME
+    for _ in range(100):
+        previous = layer.filter(yaw, previous, previous).target
+    assert quat_angle(previous.q, yaw.q) < 1e-6
+
+
+def test_measured_pose_outside_the_box_beyond_the_margin_is_a_fault():
+    layer = SafetyLayer(SafetyConfig(box_margin_m=0.03), PERIOD)
+    assert layer.check_measured(Pose((0.77, 0.0, 0.4), HOME.quaternion)) is None  # 2 cm out: overshoot
+    msg = layer.check_measured(Pose((0.79, 0.0, 0.4), HOME.quaternion))
+    assert msg is not None and "40 mm outside the workspace" in msg
+
+
+def test_lead_bound_never_drags_the_target_after_the_arm():
+    layer = SafetyLayer(SafetyConfig(max_lead_m=0.04), PERIOD)
+    pushed = Pose((0.5, 0.0, 0.30), HOME.quaternion)  # the arm is 10 cm below the command (a push, a drop)
+    f = layer.filter(HOME, HOME, pushed)
+    np.testing.assert_allclose(f.target.p, HOME.p)  # holds; it does not follow the arm down
+    # And a move that would increase the lead beyond both the bound and the present lead is held back.
+    f = layer.filter(Pose((0.5, 0.0, 0.45), HOME.quaternion), HOME, pushed)
+    assert np.linalg.norm(f.target.p - pushed.p) <= 0.10 + 1e-12 and "lead_clamp" in f.interventions

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from control_helpers import sim, wait_for  # noqa: F401  (sim is a fixture)
+from control_helpers import STATE_TIMEOUT_S, sim, wait_for  # noqa: F401  (sim is a fixture)
 
 from molmoact_edge.hardware.arm import Arm, ArmError
 from molmoact_edge.hardware.deps import MissingDependencyError, require
@@ -44,7 +44,7 @@ def test_config_validation_names_field():
 def test_pose_move_gripper_and_stop(sim):  # noqa: F811
     from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
 
-    with FrankyArm(FrankyConfig(sim.host, dynamics_factor=0.2)) as arm:
+    with FrankyArm(FrankyConfig(sim.host, dynamics_factor=0.2, state_timeout_s=STATE_TIMEOUT_S)) as arm:
         assert isinstance(arm, Arm)
         s0 = arm.state()
         assert s0.error is None and s0.robot_time_s is not None
@@ -94,3 +94,70 @@ def test_live_franka_reads_state_and_holds():
         time.sleep(0.2)
         assert arm.state().robot_time_s > s.robot_time_s
         assert arm.stop()
+
+
+def test_stop_is_never_replaced_by_a_later_move(sim):  # noqa: F811
+    """A target queued right after stop(wait_s=0) must not overwrite the queued stop: the stop
+    reaches franky every time, and only then the new target."""
+    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
+
+    with FrankyArm(FrankyConfig(sim.host, dynamics_factor=0.2, state_timeout_s=STATE_TIMEOUT_S, gripper=False)) as arm:
+        s0 = arm.state().pose
+        delivered = 0
+        for k in range(8):
+            arm.move_to(Pose(tuple(s0.p + [0.0, 0.002 * (k % 2), 0.0]), s0.quaternion))
+            before = arm.stops_sent
+            arm.stop(wait_s=0.0)
+            arm.move_to(Pose(tuple(s0.p + [0.0, -0.002, 0.0]), s0.quaternion))
+            wait_for(lambda: not arm.pending_ops, 5.0, "the command queue to drain")
+            delivered += arm.stops_sent - before
+        assert delivered == 8
+        assert arm.state().error is None
+
+
+class _BlockingDestructor:
+    """franky's Robot, whose destructor blocks the way libfranka's did after a link loss (waiting
+    for a Move reply that never comes). Everything else is the real robot."""
+
+    def __init__(self, robot) -> None:
+        self.__dict__["_robot"] = robot
+
+    def __getattr__(self, name):
+        return getattr(self._robot, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._robot, name, value)
+
+    def __del__(self):
+        time.sleep(3600)
+
+
+def test_close_is_bounded_when_the_link_is_lost_and_libfranka_blocks(sim):  # noqa: F811
+    import os
+    import signal
+    import threading
+
+    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
+
+    arm = FrankyArm(FrankyConfig(sim.host, state_timeout_s=STATE_TIMEOUT_S, gripper=False, close_timeout_s=3.0)).connect()
+    try:
+        p = arm.state().pose
+        arm.move_to(Pose(tuple(p.p + [0.0, 0.05, 0.0]), p.quaternion))
+        time.sleep(0.3)
+        os.killpg(sim.proc.pid, signal.SIGSTOP)  # the link goes silent mid-motion: a pulled cable
+        wait_for(lambda: arm.state().error is not None, 10.0, "the link loss to be noticed")
+        arm._robot = _BlockingDestructor(arm._robot)
+        took = {}
+
+        def close():
+            t = time.monotonic()
+            arm.close()
+            took["s"] = time.monotonic() - t
+
+        closer = threading.Thread(target=close, daemon=True)
+        closer.start()
+        closer.join(20.0)
+        assert not closer.is_alive(), "close() blocked in the robot's destructor"
+        assert took["s"] <= 3.0 + 2.0  # its stated bound, plus scheduling slack on a loaded machine
+    finally:
+        os.killpg(sim.proc.pid, signal.SIGCONT)

@@ -4,7 +4,9 @@ One thread (the caller's) runs the ticks; cameras capture in their own threads a
 in an `InferenceWorker`. Every tick, in this order: read the arm state and the newest frames (never
 blocking), collect a finished chunk, run the watchdog, submit a new observation when due, step the
 executor and send its target. Any fault stops the arm in the same tick and ends the run; the arm is
-stopped and the worker joined on every exit path, Ctrl-C included.
+stopped and the worker joined on every exit path, Ctrl-C and SIGTERM included (the CLI turns
+SIGTERM into the same KeyboardInterrupt). Every stop goes through `_stop`; a stop that ends the
+run sets `halted`, after which nothing is sent to the arm.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class ControlLoop:
         self._obs_index = 0
         self.tick_starts: list[float] = []  # for benchmarks/executor_jitter.py (capped)
         self._last_submitted_frame: float | None = None
+        self.halted = False  # a final stop was sent: the arm gets no further command
 
     # -- lifecycle
     def __enter__(self) -> ControlLoop:
@@ -136,6 +139,7 @@ class ControlLoop:
         self.close()
 
     def close(self) -> None:
+        self.halted = True
         self.arm.stop()
         self.worker.close()
         self.runlog.close()
@@ -148,6 +152,9 @@ class ControlLoop:
                           cameras=[cam.name for cam in self.cameras], safety=asdict(c.safety),
                           worker=c.worker.mode)
         result = RunResult(reason="stopped")
+        start_pose = self.arm.state().pose
+        self.safety.anchor(start_pose)  # the orientation cone is centred on the start pose
+        self.runlog.write("anchor", start, pose=start_pose.to_dict())
         next_tick = start
         try:
             while True:
@@ -156,7 +163,7 @@ class ControlLoop:
                     self.tick_starts.append(now)
                 fault = self._tick(now, start, result)
                 if fault is not None:
-                    self._stop(fault, result)
+                    self._stop(fault, result, final=True)
                     break
                 result.ticks += 1
                 if self.stop_event.is_set():
@@ -178,18 +185,21 @@ class ControlLoop:
                     next_tick += missed * self.period
                 fault = self._wait_until(next_tick, start)
                 if fault is not None:
-                    self._stop(fault, result)
+                    self._stop(fault, result, final=True)
                     break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             now = clock.now()
-            self._stop(Fault("interrupted", "interrupted by the user (Ctrl-C)", now, now), result)
-            result.reason = "interrupted"
+            why = str(e) or "the user (Ctrl-C)"  # the CLI's SIGTERM handler names itself
+            self._stop(Fault("interrupted", f"interrupted by {why}", now, now), result, final=True)
         except BaseException as e:
             now = clock.now()
-            self._stop(Fault("internal_error", f"control loop error: {type(e).__name__}: {e}", now, now), result)
+            self._stop(Fault("internal_error", f"control loop error: {type(e).__name__}: {e}", now, now), result,
+                       final=True)
             raise
         finally:
-            self.arm.stop()
+            if not self.halted:  # ended without a fault (duration, until, stop_event)
+                self.arm.stop()
+                self.halted = True
             result.commands = self.status.commands
             result.chunks = self.status.chunks
             result.interventions = dict(self.status.interventions)
@@ -198,16 +208,31 @@ class ControlLoop:
                               fault=None if result.fault is None else result.fault.kind)
         return result
 
-    def _stop(self, fault: Fault, result: RunResult) -> None:
+    def _stop(self, fault: Fault, result: RunResult | None, final: bool) -> None:
+        """The one stop path: stop the arm, forget the plan, log it. `final` ends the run (nothing is
+        sent afterwards); otherwise the arm holds and the next chunk starts from its measured pose."""
+        if final:
+            self.halted = True  # before the stop: no command may slip in after it
         confirmed = self.arm.stop()
         sent = self.clock.now()
         self.executor.clear()
-        result.reason = "fault" if fault.kind != "interrupted" else "interrupted"
-        result.fault = fault
-        result.stop_latency_s = sent - fault.occurred_at
-        log.error("STOP (%s): %s", fault.kind, fault.message)
+        if result is not None:
+            result.reason = "interrupted" if fault.kind == "interrupted" else "fault"
+            result.fault = fault
+            result.stop_latency_s = sent - fault.occurred_at
+        log.error("STOP (%s): %s%s", fault.kind, fault.message,
+                  "" if final else "; arm holds, waiting for the next chunk")
         self.runlog.write("stop", sent, fault=fault.kind, message=fault.message, occurred_at=fault.occurred_at,
                           detected_at=fault.detected_at, latency_s=sent - fault.occurred_at, sent=confirmed)
+
+    def _camera_error(self, now: float) -> Fault | None:
+        """A capture thread that died reports it at once; waiting for its frames to age out would
+        cost the whole frame timeout."""
+        for cam in self.cameras:
+            err = getattr(cam, "error", None)
+            if err is not None:
+                return Fault("camera_error", f"camera {cam.name} failed: {type(err).__name__}: {err}", now, now)
+        return None
 
     def _frames_time(self) -> float | None:
         frames = [cam.latest() for cam in self.cameras]
@@ -254,13 +279,7 @@ class ControlLoop:
         if not acc.ok:
             # A broken chunk is refused whole and the arm holds still; the next chunk may be fine.
             self.status.intervene("nonfinite_action")
-            confirmed = self.arm.stop()
-            sent = self.clock.now()
-            self.executor.clear()
-            log.error("STOP (nonfinite_action): %s; arm holds, waiting for the next chunk", acc.reason)
-            self.runlog.write("stop", sent, fault="nonfinite_action", message=acc.reason,
-                              occurred_at=chunk.finished_at, detected_at=now, latency_s=sent - chunk.finished_at,
-                              sent=confirmed)
+            self._stop(Fault("nonfinite_action", acc.reason, chunk.finished_at, now), None, final=False)
         else:
             self.status.last_action = [float(v) for v in chunk.actions[0]]
             if acc.dropped:
@@ -283,6 +302,12 @@ class ControlLoop:
         fault = self.watchdog.check(now, oldest, start, self.worker.busy_since, err, self.worker.error_at, state.error)
         if fault is not None:
             return fault
+        fault = self._camera_error(now)
+        if fault is not None:
+            return fault
+        outside = self.safety.check_measured(state.pose)
+        if outside is not None:
+            return Fault("workspace_exit", outside, now, now)
 
         if chunk is not None:
             self._handle_chunk(chunk, now, state.pose)
@@ -304,7 +329,7 @@ class ControlLoop:
             self.status.intervene(what)
         if step.refused:
             return Fault("nonfinite_action", "the safety layer refused a non-finite target", now, now)
-        if step.target is not None:
+        if step.target is not None and not self.halted:
             try:
                 self.arm.move_to(step.target)
             except ArmError as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
 import threading
 import time
@@ -91,12 +92,34 @@ def _serve(spec: PolicySpec, requests, responses, stop: Callable[[], bool], cloc
         policy.close()
 
 
-def _process_main(spec, requests, conn, nice: int = 0) -> None:
-    # Ctrl-C reaches the whole process group; the parent decides when the worker stops.
+PARENT_CHECK_S = 0.2  # how often the worker process looks for its parent
+CLOSE_TIMEOUT_S = 3.5  # the most `InferenceWorker.close` takes, even with a hung policy
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Exit the worker process as soon as its parent is gone (SIGKILL, a crash): nobody would read
+    its answers, and it would keep a core and the multiprocessing resource tracker alive forever.
+    A thread, so that it fires even while predict() is busy or hung."""
+    import os
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK_S)
+            if os.getppid() != parent_pid:  # re-parented: the parent died
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _process_main(spec, requests, conn, nice: int = 0, parent_pid: int | None = None) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides when the worker stops (it stops
+    # the arm first), and the worker follows a dead parent by itself.
     import os
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        _exit_when_orphaned(parent_pid)
     if nice:
         os.nice(nice)
     try:
@@ -140,7 +163,8 @@ class InferenceWorker:
             self._requests = ctx.Queue(maxsize=1)
             self._responses = queue.Queue()
             reader, writer = ctx.Pipe(duplex=False)
-            self._proc = ctx.Process(target=_process_main, args=(self.spec, self._requests, writer, self.config.nice),
+            self._proc = ctx.Process(target=_process_main,
+                                     args=(self.spec, self._requests, writer, self.config.nice, os.getpid()),
                                      name="inference", daemon=True)
             self._proc.start()
             writer.close()
@@ -191,17 +215,18 @@ class InferenceWorker:
                 self._requests.put_nowait(None)
             except Exception:
                 pass
+            # At most CLOSE_TIMEOUT_S in all: a polite second, then SIGTERM, then SIGKILL.
             self._proc.join(timeout=1.0)
             if self._proc.is_alive():
                 self._proc.terminate()
-                self._proc.join(timeout=2.0)
+                self._proc.join(timeout=1.0)
             if self._proc.is_alive():
                 self._proc.kill()
-                self._proc.join(timeout=2.0)
+                self._proc.join(timeout=1.0)
             self._requests.cancel_join_thread()
             self._requests.close()
             if self._rx is not None:
-                self._rx.join(timeout=1.0)
+                self._rx.join(timeout=0.5)  # it polls its stop flag every 0.2 s
                 self._rx = None
             self._proc = None
 
