@@ -69,6 +69,10 @@ class FrankyConfig:
     gripper_open_width: float = 0.08  # m
     realtime: bool = False  # True on an RT kernel: libfranka then enforces real-time scheduling
     monitor_period_s: float = 0.005  # 200 Hz: plenty for a 100 ms staleness limit, light on the GIL
+    # A real controller's clock runs at 1 s per s; franky-sim's counts simulated 1 ms steps and falls
+    # behind on a machine too busy to simulate in real time. Below this rate the run says so.
+    min_clock_rate: float = 0.8
+    clock_window_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -79,6 +83,9 @@ class FrankyConfig:
             raise ValueError(f"FrankyConfig.connect_timeout_s must be positive, got {self.connect_timeout_s}")
         if not (0.005 <= self.state_timeout_s <= 5.0):
             raise ValueError(f"FrankyConfig.state_timeout_s must be in [0.005, 5] s, got {self.state_timeout_s}")
+        if not (0.0 < self.min_clock_rate <= 1.0) or self.clock_window_s <= 0:
+            raise ValueError(f"FrankyConfig.min_clock_rate must be in (0, 1] and clock_window_s positive, got "
+                             f"{self.min_clock_rate}, {self.clock_window_s}")
         if not (0.0 < self.gripper_open_width <= 0.08):
             raise ValueError(f"FrankyConfig.gripper_open_width must be in (0, 0.08] m, got {self.gripper_open_width}")
 
@@ -107,6 +114,9 @@ class FrankyArm:
         self._stop_commands = threading.Event()
         self._commander: threading.Thread | None = None
         self.last_stop_sent_at: float | None = None
+        self.speed_limits: tuple[float, float] | None = None  # (m/s, rad/s) franky may follow; set at connect
+        self.slowest_clock_rate: float | None = None  # controller seconds per host second, worst window
+        self._clock_window: tuple[float, float] | None = None
 
     # -- lifecycle
     def connect(self) -> FrankyArm:
@@ -139,6 +149,10 @@ class FrankyArm:
                            "version; otherwise " + UNREACHABLE_FIX.format(host=c.host)) from e
         robot = box["robot"]
         robot.relative_dynamics_factor = c.dynamics_factor
+        # franky's Cartesian planner bounds each axis of the translation and of the rotation vector by
+        # these limits times the dynamics factor: the fastest a streamed target can be followed.
+        self.speed_limits = (float(robot.translation_velocity_limit.get()) * c.dynamics_factor,
+                             float(robot.rotation_velocity_limit.get()) * c.dynamics_factor)
         if robot.has_errors:
             log.warning("%s: robot reports errors at connect; running automatic recovery", self.name)
             robot.recover_from_errors()
@@ -193,6 +207,7 @@ class FrankyArm:
         if self._last_robot_time is None or robot_t != self._last_robot_time:
             self._last_robot_time = robot_t
             self._last_advance = now
+        self._track_clock_rate(now, robot_t)
         ee = st.O_T_EE
         pose = Pose(tuple(np.asarray(ee.translation, float)), tuple(np.asarray(ee.quaternion, float)))
         # Errors and gripper width are read here, never in state(): each is a network round trip.
@@ -211,7 +226,38 @@ class FrankyArm:
                 self._stop_monitor.wait(0.05)
             self._stop_monitor.wait(self.config.monitor_period_s)
 
+    def _track_clock_rate(self, now: float, robot_t: float) -> None:
+        if self._clock_window is None or robot_t < self._clock_window[1]:
+            self._clock_window = (now, robot_t)
+            return
+        h0, r0 = self._clock_window
+        if now - h0 < self.config.clock_window_s:
+            return
+        rate = (robot_t - r0) / (now - h0)
+        self._clock_window = (now, robot_t)
+        if rate == 0.0:
+            return  # a frozen clock is the lost-connection case, reported by state()
+        first_slow = rate < self.config.min_clock_rate and not self._clock_note()
+        if self.slowest_clock_rate is None or rate < self.slowest_clock_rate:
+            self.slowest_clock_rate = rate
+        if first_slow:
+            log.warning("%s: %s", self.name, self._clock_note())
+
+    def _clock_note(self) -> str:
+        r = self.slowest_clock_rate
+        if r is None or r >= self.config.min_clock_rate:
+            return ""
+        # Measured on franky-sim: libfranka then misses 1 kHz states, franky extrapolates the missed
+        # cycles and seeds every replaced motion from the simulator's lagging velocity estimate, its
+        # planner aborts or its command runs away, and the simulated arm (no reflexes) follows.
+        return (f"the controller clock ran at {r:.2f}x real time (below {self.config.min_clock_rate:.2f}): the "
+                "simulator cannot keep up on this machine, so franky's 1 kHz loop misses states and its planner "
+                "misbehaves; run it on a machine with a free CPU core (a real Franka's clock never lags)")
+
     def _set_error(self, message: str) -> None:
+        note = self._clock_note()
+        if note and note not in message:
+            message = f"{message} [{note}]"
         if self._error is None:
             log.error("%s: %s", self.name, message)
         self._error = message
@@ -229,6 +275,8 @@ class FrankyArm:
         if error is None and stale > self.config.state_timeout_s:
             error = (f"no new robot state from {self.config.host} for {stale * 1000:.0f} ms: the connection "
                      "is lost or the controller stopped (check the network, Desk, or whether franky-sim is still running)")
+            note = self._clock_note()
+            error += f" [{note}]" if note else ""
         return ArmState(s.pose, s.host_time, s.robot_time_s, error, s.gripper_width)
 
     @property
