@@ -18,8 +18,6 @@ from control_helpers import check_commands, sim, sim_available, write_folder  # 
 from molmoact_edge.runtime.control.runlog import read_log
 from molmoact_edge.runtime.control.safety import SafetyConfig
 
-pytestmark = pytest.mark.sim
-
 RATE = 50.0
 DURATION_S = 10.0
 
@@ -31,6 +29,7 @@ def bundle(checkpoint_a, tmp_path_factory):
     return export_bundle(checkpoint_a, tmp_path_factory.mktemp("b") / "bundle", progress=lambda s: None)
 
 
+@pytest.mark.sim
 def test_model_in_the_loop_runs_its_duration_on_franky_sim(bundle, tmp_path):
     if not sim_available():
         pytest.skip("franky-sim / franky-control not installed: pip install molmoact-edge[robot,test]")
@@ -64,6 +63,7 @@ def test_model_in_the_loop_runs_its_duration_on_franky_sim(bundle, tmp_path):
     assert end[-1]["interventions"].get("rotation_clamp", 0) > 0
 
 
+@pytest.mark.sim
 def test_franky_sim_holds_the_arm_after_a_stop(sim):  # noqa: F811
     """franky-sim holds the last desired joint configuration (PD plus gravity compensation) when no
     motion runs, as a real Franka holds with its brakes: the hand does not sag under gravity."""
@@ -86,3 +86,46 @@ def test_franky_sim_holds_the_arm_after_a_stop(sim):  # noqa: F811
         assert later.error is None, later.error
         assert later.robot_time_s - held.robot_time_s >= 1.0  # a second of simulated time passed
         assert np.linalg.norm(later.pose.p - held.pose.p) < 1e-3
+        # franky's planner limits were read at connect, and the controller clock rate was measured
+        assert arm.speed_limits == pytest.approx((1.7 * 0.2, 2.5 * 0.2))
+        assert arm.slowest_clock_rate is not None and arm.slowest_clock_rate > 0
+
+
+class _FakeArm:
+    name = "franka:fake"
+
+    def __init__(self, speed_limits):
+        self.speed_limits = speed_limits
+
+
+def test_run_streams_no_faster_than_the_arm_can_follow(capsys):
+    from molmoact_edge.run_cmd import PLANNER_HEADROOM, _fit_to_arm
+    from molmoact_edge.runtime.control.loop import LoopConfig
+
+    config = LoopConfig(safety=SafetyConfig(dynamics_factor=0.1))  # defaults: 0.25 m/s, 1 rad/s
+    fitted = _fit_to_arm(config, _FakeArm((0.17, 0.25)))
+    assert fitted.safety.max_speed_m_s == pytest.approx(PLANNER_HEADROOM * 0.17)
+    assert fitted.safety.max_rot_speed_rad_s == pytest.approx(PLANNER_HEADROOM * 0.25)
+    assert fitted.safety.workspace_min == config.safety.workspace_min and fitted.rate_hz == config.rate_hz
+    assert "note: streaming at most 0.136 m/s and 0.200 rad/s" in capsys.readouterr().err
+    slow = LoopConfig(safety=SafetyConfig(max_speed_m_s=0.05, max_rot_speed_rad_s=0.1))
+    assert _fit_to_arm(slow, _FakeArm((0.17, 0.25))) is slow  # already within: untouched, silent
+    assert _fit_to_arm(config, _FakeArm(None)) is config  # an arm that cannot tell
+    assert capsys.readouterr().err == ""
+
+
+def test_driver_names_a_controller_clock_that_lags_real_time():
+    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
+
+    arm = FrankyArm(FrankyConfig("127.0.0.1", min_clock_rate=0.8, clock_window_s=1.0))
+    for k in range(5):  # a real-time controller: no note
+        arm._track_clock_rate(10.0 + k, 100.0 + k)
+    assert arm.slowest_clock_rate == pytest.approx(1.0) and arm._clock_note() == ""
+    for k in range(1, 4):  # the clock frozen (link lost) is reported by state(), not as slow
+        arm._track_clock_rate(14.0 + k, 104.0)
+    assert arm._clock_note() == ""
+    for k in range(1, 4):  # 0.3 s of controller time per host second, as measured on a busy machine
+        arm._track_clock_rate(17.0 + k, 104.0 + 0.3 * k)
+    assert arm.slowest_clock_rate == pytest.approx(0.3)
+    arm._set_error("motion aborted: RuntimeError: Motion planner failed with error code -111")
+    assert "error code -111 [the controller clock ran at 0.30x real time" in arm._error
