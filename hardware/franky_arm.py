@@ -208,6 +208,10 @@ class FrankyArm:
             self._last_robot_time = robot_t
             self._last_advance = now
         self._track_clock_rate(now, robot_t)
+        if self._error is None:
+            runaway = self._runaway(np.asarray(st.O_dP_EE_c.linear, float), np.asarray(st.O_dP_EE_c.angular, float))
+            if runaway:
+                self._set_error(runaway)
         ee = st.O_T_EE
         pose = Pose(tuple(np.asarray(ee.translation, float)), tuple(np.asarray(ee.quaternion, float)))
         # Errors and gripper width are read here, never in state(): each is a network round trip.
@@ -225,6 +229,23 @@ class FrankyArm:
                 self._set_error(f"reading the robot state failed: {type(e).__name__}: {e}")
                 self._stop_monitor.wait(0.05)
             self._stop_monitor.wait(self.config.monitor_period_s)
+
+    def _runaway(self, linear: np.ndarray, angular: np.ndarray) -> str | None:
+        """Why the commanded twist cannot have come from franky's planner, or None.
+
+        The planner keeps each axis within `speed_limits`, so the norm stays within sqrt(3) of it. Twice
+        that means the command is running away (measured on a franky-sim starved of CPU: franky
+        extrapolating missed cycles reached 20 rad/s). A real Franka stops such a command with a velocity
+        reflex; franky-sim has no reflexes and follows it, out of the workspace."""
+        if self.speed_limits is None:
+            return None
+        v, w = float(np.linalg.norm(linear)), float(np.linalg.norm(angular))
+        v_max, w_max = (2.0 * np.sqrt(3.0) * lim for lim in self.speed_limits)
+        if v <= v_max and w <= w_max:
+            return None
+        return (f"the commanded end-effector twist ({v:.2f} m/s, {w:.2f} rad/s) exceeds twice what franky's planner "
+                f"may command at dynamics {self.config.dynamics_factor} ({v_max:.2f} m/s, {w_max:.2f} rad/s): the "
+                "motion is running away; stopped as a Franka's velocity reflex would")
 
     def _track_clock_rate(self, now: float, robot_t: float) -> None:
         if self._clock_window is None or robot_t < self._clock_window[1]:

@@ -129,3 +129,17 @@ def test_driver_names_a_controller_clock_that_lags_real_time():
     assert arm.slowest_clock_rate == pytest.approx(0.3)
     arm._set_error("motion aborted: RuntimeError: Motion planner failed with error code -111")
     assert "error code -111 [the controller clock ran at 0.30x real time" in arm._error
+
+
+def test_driver_stops_a_runaway_commanded_twist():
+    """franky-sim has no velocity reflex: a command far beyond franky's planner limits (seen at 20 rad/s
+    when franky extrapolated missed cycles) is refused by the driver, as a Franka's reflex would."""
+    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
+
+    arm = FrankyArm(FrankyConfig("127.0.0.1", dynamics_factor=0.1))
+    assert arm._runaway(np.array([5.0, 0, 0]), np.zeros(3)) is None  # limits unknown until connected
+    arm.speed_limits = (0.17, 0.25)  # franky's per-axis limits at dynamics 0.1
+    at_limit = np.full(3, 0.17), np.full(3, 0.25)  # the planner at its limit on every axis
+    assert arm._runaway(*at_limit) is None
+    assert "running away" in arm._runaway(np.zeros(3), np.array([1.0, 0.3, 0.2]))
+    assert "running away" in arm._runaway(np.array([0.7, 0.0, 0.0]), np.zeros(3))
