@@ -93,6 +93,10 @@ class FrankyConfig:
     # close() returns within this, whatever libfranka does: 1 s for the stop to be confirmed, the
     # rest for the threads (a state read on a dead link blocks about 1 s; a grasp may run longer).
     close_timeout_s: float = 3.0
+    # A real controller's clock runs at 1 s per s; franky-sim's counts simulated 1 ms steps and falls
+    # behind on a machine too busy to simulate in real time. Below this rate the run says so.
+    min_clock_rate: float = 0.8
+    clock_window_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -105,6 +109,9 @@ class FrankyConfig:
             raise ValueError(f"FrankyConfig.state_timeout_s must be in [0.005, 5] s, got {self.state_timeout_s}")
         if not (1.5 <= self.close_timeout_s <= 30.0):
             raise ValueError(f"FrankyConfig.close_timeout_s must be in [1.5, 30] s, got {self.close_timeout_s}")
+        if not (0.0 < self.min_clock_rate <= 1.0) or self.clock_window_s <= 0:
+            raise ValueError(f"FrankyConfig.min_clock_rate must be in (0, 1] and clock_window_s positive, got "
+                             f"{self.min_clock_rate}, {self.clock_window_s}")
         if not (0.0 < self.gripper_open_width <= 0.08):
             raise ValueError(f"FrankyConfig.gripper_open_width must be in (0, 0.08] m, got {self.gripper_open_width}")
 
@@ -136,6 +143,9 @@ class FrankyArm:
         self._inflight = 0  # ops taken off the queue and not yet carried out
         self.last_stop_sent_at: float | None = None
         self.stops_sent = 0  # stops carried out by the command thread (tests audit this)
+        self.speed_limits: tuple[float, float] | None = None  # (m/s, rad/s) franky may follow; set at connect
+        self.slowest_clock_rate: float | None = None  # controller seconds per host second, worst window
+        self._clock_window: tuple[float, float] | None = None
 
     # -- lifecycle
     def connect(self) -> FrankyArm:
@@ -168,6 +178,10 @@ class FrankyArm:
                            "version; otherwise " + UNREACHABLE_FIX.format(host=c.host)) from e
         robot = box["robot"]
         robot.relative_dynamics_factor = c.dynamics_factor
+        # franky's Cartesian planner bounds each axis of the translation and of the rotation vector by
+        # these limits times the dynamics factor: the fastest a streamed target can be followed.
+        self.speed_limits = (float(robot.translation_velocity_limit.get()) * c.dynamics_factor,
+                             float(robot.rotation_velocity_limit.get()) * c.dynamics_factor)
         if robot.has_errors:
             log.warning("%s: robot reports errors at connect; running automatic recovery", self.name)
             robot.recover_from_errors()
@@ -227,6 +241,11 @@ class FrankyArm:
         if self._last_robot_time is None or robot_t != self._last_robot_time:
             self._last_robot_time = robot_t
             self._last_advance = now
+        self._track_clock_rate(now, robot_t)
+        if self._error is None:
+            runaway = self._runaway(np.asarray(st.O_dP_EE_c.linear, float), np.asarray(st.O_dP_EE_c.angular, float))
+            if runaway:
+                self._set_error(runaway)
         ee = st.O_T_EE
         pose = Pose(tuple(np.asarray(ee.translation, float)), tuple(np.asarray(ee.quaternion, float)))
         # Errors and gripper width are read here, never in state(): each is a network round trip.
@@ -245,7 +264,55 @@ class FrankyArm:
                 self._stop_monitor.wait(0.05)
             self._stop_monitor.wait(self.config.monitor_period_s)
 
+    def _runaway(self, linear: np.ndarray, angular: np.ndarray) -> str | None:
+        """Why the commanded twist cannot have come from franky's planner, or None.
+
+        The planner keeps each axis within `speed_limits`, so the norm stays within sqrt(3) of it. Twice
+        that means the command is running away (measured on a franky-sim starved of CPU: franky
+        extrapolating missed cycles reached 20 rad/s). A real Franka stops such a command with a velocity
+        reflex; franky-sim has no reflexes and follows it, out of the workspace."""
+        if self.speed_limits is None:
+            return None
+        v, w = float(np.linalg.norm(linear)), float(np.linalg.norm(angular))
+        v_max, w_max = (2.0 * np.sqrt(3.0) * lim for lim in self.speed_limits)
+        if v <= v_max and w <= w_max:
+            return None
+        return (f"the commanded end-effector twist ({v:.2f} m/s, {w:.2f} rad/s) exceeds twice what franky's planner "
+                f"may command at dynamics {self.config.dynamics_factor} ({v_max:.2f} m/s, {w_max:.2f} rad/s): the "
+                "motion is running away; stopped as a Franka's velocity reflex would")
+
+    def _track_clock_rate(self, now: float, robot_t: float) -> None:
+        if self._clock_window is None or robot_t < self._clock_window[1]:
+            self._clock_window = (now, robot_t)
+            return
+        h0, r0 = self._clock_window
+        if now - h0 < self.config.clock_window_s:
+            return
+        rate = (robot_t - r0) / (now - h0)
+        self._clock_window = (now, robot_t)
+        if rate == 0.0:
+            return  # a frozen clock is the lost-connection case, reported by state()
+        first_slow = rate < self.config.min_clock_rate and not self._clock_note()
+        if self.slowest_clock_rate is None or rate < self.slowest_clock_rate:
+            self.slowest_clock_rate = rate
+        if first_slow:
+            log.warning("%s: %s", self.name, self._clock_note())
+
+    def _clock_note(self) -> str:
+        r = self.slowest_clock_rate
+        if r is None or r >= self.config.min_clock_rate:
+            return ""
+        # Measured on franky-sim: libfranka then misses 1 kHz states, franky extrapolates the missed
+        # cycles and seeds every replaced motion from the simulator's lagging velocity estimate, its
+        # planner aborts or its command runs away, and the simulated arm (no reflexes) follows.
+        return (f"the controller clock ran at {r:.2f}x real time (below {self.config.min_clock_rate:.2f}): the "
+                "simulator cannot keep up on this machine, so franky's 1 kHz loop misses states and its planner "
+                "misbehaves; run it on a machine with a free CPU core (a real Franka's clock never lags)")
+
     def _set_error(self, message: str) -> None:
+        note = self._clock_note()
+        if note and note not in message:
+            message = f"{message} [{note}]"
         if self._error is None:
             log.error("%s: %s", self.name, message)
         self._error = message
@@ -263,6 +330,8 @@ class FrankyArm:
         if error is None and stale > self.config.state_timeout_s:
             error = (f"no new robot state from {self.config.host} for {stale * 1000:.0f} ms: the connection "
                      "is lost or the controller stopped (check the network, Desk, or whether franky-sim is still running)")
+            note = self._clock_note()
+            error += f" [{note}]" if note else ""
         return ArmState(s.pose, s.host_time, s.robot_time_s, error, s.gripper_width)
 
     @property
