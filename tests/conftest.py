@@ -8,6 +8,7 @@ a folder of bundles exported beforehand (one per fixture, named like it) where t
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,19 @@ def config_a(checkpoint_a):
     from molmoact_edge.runtime.engine.config import ModelConfig
 
     return ModelConfig.load(checkpoint_a)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny checkpoint in the official layout (needs torch; the tests that use it import it)."""
+    from molmoact_edge.export.tiny import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=3)
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_checkpoint, tmp_path):
+    """A private copy of the tiny checkpoint for a test to damage."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, dst)
+    return dst

@@ -12,18 +12,6 @@ from molmoact_edge.export.tiny import write_checkpoint
 from molmoact_edge.runtime.engine.config import ConfigError
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=3)
-
-
-@pytest.fixture
-def copy(tiny, tmp_path):
-    dst = tmp_path / "ckpt"
-    shutil.copytree(tiny, dst)
-    return dst
-
-
 def _logits(model):
     model.setup_cache(8)
     ids = torch.tensor([[151643, 785, 3383, 374, 3265]])
@@ -31,98 +19,98 @@ def _logits(model):
         return model(model.embed(ids), 0)
 
 
-def test_sharded_index_loads_the_same_weights(copy):
-    reference = _logits(load_model(copy))
-    tensors = load_file(str(copy / "model.safetensors"))
+def test_sharded_index_loads_the_same_weights(checkpoint_copy):
+    reference = _logits(load_model(checkpoint_copy))
+    tensors = load_file(str(checkpoint_copy / "model.safetensors"))
     keys = sorted(tensors)
     half = len(keys) // 2
     shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
     for fname, ks in shards.items():
-        save_file({k: tensors[k] for k in ks}, str(copy / fname))
-    (copy / "model.safetensors.index.json").write_text(json.dumps(
+        save_file({k: tensors[k] for k in ks}, str(checkpoint_copy / fname))
+    (checkpoint_copy / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
-    (copy / "model.safetensors").unlink()
-    assert torch.equal(_logits(load_model(copy)), reference)
+    (checkpoint_copy / "model.safetensors").unlink()
+    assert torch.equal(_logits(load_model(checkpoint_copy)), reference)
 
 
-def test_fp32_checkpoint_loads_like_bf16_upcast(copy):
-    reference = _logits(load_model(copy))
-    tensors = {k: v.float() for k, v in load_file(str(copy / "model.safetensors")).items()}
-    save_file(tensors, str(copy / "model.safetensors"))
-    assert torch.equal(_logits(load_model(copy)), reference)
+def test_fp32_checkpoint_loads_like_bf16_upcast(checkpoint_copy):
+    reference = _logits(load_model(checkpoint_copy))
+    tensors = {k: v.float() for k, v in load_file(str(checkpoint_copy / "model.safetensors")).items()}
+    save_file(tensors, str(checkpoint_copy / "model.safetensors"))
+    assert torch.equal(_logits(load_model(checkpoint_copy)), reference)
 
 
-def test_bf16_load_keeps_dtype(copy):
-    model = load_model(copy, torch.bfloat16)
+def test_bf16_load_keeps_dtype(checkpoint_copy):
+    model = load_model(checkpoint_copy, torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert _logits(model).dtype == torch.bfloat16
 
 
-def test_missing_key_is_listed(copy):
-    tensors = load_file(str(copy / "model.safetensors"))
+def test_missing_key_is_listed(checkpoint_copy):
+    tensors = load_file(str(checkpoint_copy / "model.safetensors"))
     del tensors["model.transformer.ln_f.weight"]
-    save_file(tensors, str(copy / "model.safetensors"))
+    save_file(tensors, str(checkpoint_copy / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing keys \(1\): \['model.transformer.ln_f.weight'\]"):
-        load_model(copy)
+        load_model(checkpoint_copy)
 
 
-def test_unexpected_key_is_listed(copy):
-    tensors = load_file(str(copy / "model.safetensors"))
+def test_unexpected_key_is_listed(checkpoint_copy):
+    tensors = load_file(str(checkpoint_copy / "model.safetensors"))
     tensors["model.transformer.blocks.7.attn_norm.weight"] = torch.ones(32)
-    save_file(tensors, str(copy / "model.safetensors"))
+    save_file(tensors, str(checkpoint_copy / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): \['model.transformer.blocks.7"):
-        load_model(copy)
+        load_model(checkpoint_copy)
 
 
-def test_shape_mismatch_is_listed_against_config(copy):
-    cfg = json.loads((copy / "config.json").read_text())
+def test_shape_mismatch_is_listed_against_config(checkpoint_copy):
+    cfg = json.loads((checkpoint_copy / "config.json").read_text())
     cfg["llm_config"]["intermediate_size"] = 64  # weights were made with 48
-    (copy / "config.json").write_text(json.dumps(cfg))
+    (checkpoint_copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError) as e:
-        load_model(copy)
+        load_model(checkpoint_copy)
     msg = str(e.value)
     assert "shape mismatches" in msg and "mlp.ff_proj.weight: checkpoint [96, 32] vs model [128, 32]" in msg
 
 
-def test_truncated_file_is_refused(copy):
-    path = copy / "model.safetensors"
+def test_truncated_file_is_refused(checkpoint_copy):
+    path = checkpoint_copy / "model.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated or corrupt: re-download"):
-        load_model(copy)
+        load_model(checkpoint_copy)
 
 
-def test_garbage_header_is_refused(copy):
-    (copy / "model.safetensors").write_bytes(b"\xff" * 64)
+def test_garbage_header_is_refused(checkpoint_copy):
+    (checkpoint_copy / "model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        load_model(copy)
+        load_model(checkpoint_copy)
 
 
-def test_nan_weights_are_refused(copy):
-    tensors = load_file(str(copy / "model.safetensors"))
+def test_nan_weights_are_refused(checkpoint_copy):
+    tensors = load_file(str(checkpoint_copy / "model.safetensors"))
     tensors["lm_head.weight"][0, 0] = float("nan")
-    save_file(tensors, str(copy / "model.safetensors"))
+    save_file(tensors, str(checkpoint_copy / "model.safetensors"))
     with pytest.raises(CheckpointError, match="lm_head.weight .* NaN"):
-        load_model(copy)
+        load_model(checkpoint_copy)
 
 
-def test_missing_weights_file(copy):
-    (copy / "model.safetensors").unlink()
+def test_missing_weights_file(checkpoint_copy):
+    (checkpoint_copy / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="expected model.safetensors or model.safetensors.index.json"):
-        load_model(copy)
+        load_model(checkpoint_copy)
 
 
-def test_missing_shard_named_in_index(copy):
-    (copy / "model.safetensors.index.json").write_text(json.dumps(
+def test_missing_shard_named_in_index(checkpoint_copy):
+    (checkpoint_copy / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
-    (copy / "model.safetensors").unlink()
+    (checkpoint_copy / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
-        load_model(copy)
+        load_model(checkpoint_copy)
 
 
-def test_missing_config(copy):
-    (copy / "config.json").unlink()
+def test_missing_config(checkpoint_copy):
+    (checkpoint_copy / "config.json").unlink()
     with pytest.raises(ConfigError, match="config.json is missing"):
-        load_model(copy)
+        load_model(checkpoint_copy)
 
 
 def test_missing_directory(tmp_path):
