@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from molmoact_edge.argtypes import instruction, positive_int, torch_device, trace_points
+from molmoact_edge.errors import CommandError, UsageError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
@@ -16,20 +19,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="engine: torch for --checkpoint (default), onnxruntime for --bundle (default)")
     p.add_argument("--image", action="append", required=True, type=Path,
                    help="an image file; repeat for several camera views (first = main view)")
-    p.add_argument("--instruction", required=True, help="the task, e.g. 'close the box'")
+    p.add_argument("--instruction", required=True, type=instruction, help="the task, e.g. 'close the box'")
     p.add_argument("--template", choices=["single", "multi"], default=None,
                    help="prompt template: single for one image, multi for several (default by image count)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget (official: 256, 512 for chunks)")
-    p.add_argument("--dtype", default="fp32", help="torch reference weights dtype: fp32, bf16, fp16")
-    p.add_argument("--device", default="cpu", help="torch reference device, e.g. cpu or cuda")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation budget (official: 256, 512 for chunks)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="torch reference weights dtype")
+    p.add_argument("--device", default="cpu", type=torch_device, help="torch reference device: cpu, cuda, cuda:N")
     p.add_argument("--unnorm-key", default=None,
                    help="norm_stats key used to de-normalise actions (needed when the checkpoint has several)")
     p.add_argument("--no-grammar", action="store_true",
                    help="plain greedy decoding, token for token the official implementation's output "
                         "(default: grammar-constrained decoding, which always yields a parseable answer)")
-    p.add_argument("--max-actions", type=int, default=8,
+    p.add_argument("--max-actions", type=positive_int, default=8,
                    help="most action lists the grammar allows in one answer (fine-tuned checkpoints emit 8)")
-    p.add_argument("--steer-trace", default=None, metavar="JSON",
+    p.add_argument("--steer-trace", default=None, metavar="JSON", type=trace_points,
                    help='force this trace into the answer, e.g. "[[120, 200], [140, 180]]" (0-255, first image)')
     p.add_argument("--stream", action="store_true", help="print depth / trace / actions to stderr as they complete")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -41,27 +44,61 @@ def _load_images(paths):
     images = []
     for path in paths:
         if not path.exists():
-            raise SystemExit(f"error: image {path} does not exist")
+            raise CommandError(f"image {path} does not exist")
         try:
             with Image.open(path) as im:
                 im.load()
                 images.append(im.convert("RGB"))
         except UnidentifiedImageError:
-            raise SystemExit(f"error: {path} is not an image file PIL can read (PNG/JPEG expected)")
+            raise CommandError(f"{path} is not an image file PIL can read (PNG/JPEG expected)") from None
     return images
+
+
+def check_args(args) -> None:
+    """What can be refused before any model loads: flag combinations, the model folder, the device."""
+    if args.checkpoint is not None and args.backend not in (None, "torch"):
+        raise UsageError(f"--backend {args.backend} needs --bundle: --checkpoint runs the torch reference "
+                         "(export a bundle with `molmoact-edge export` for onnxruntime)")
+    if args.bundle is not None and args.backend not in (None, "onnxruntime"):
+        raise UsageError(f"--backend {args.backend} needs --checkpoint: a bundle runs on onnxruntime")
+    if args.checkpoint is not None:
+        require_checkpoint_dir(args.checkpoint)
+        require_device(args.device)
+
+
+def require_checkpoint_dir(path: Path) -> None:
+    """The one message for a checkpoint folder that is not there (generate and export)."""
+    if not (path / "config.json").is_file():
+        state = "does not exist" if not path.exists() else "holds no config.json"
+        raise CommandError(f"checkpoint folder {path} {state}: pass a Hugging Face MolmoAct checkpoint folder "
+                           "(config.json + *.safetensors; README 'Where the model comes from')")
+
+
+def require_device(device: str) -> None:
+    """Refuse a CUDA device that this torch cannot use, before the weights load (whose errors would
+    otherwise blame the checkpoint file)."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.backends.cuda.is_built():
+            raise CommandError(f"--device {device}: this torch ({torch.__version__}) was built without CUDA; "
+                               "use --device cpu or install a CUDA build of torch (README 'Installing torch')")
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {device}: torch sees no CUDA GPU (driver missing or "
+                               "CUDA_VISIBLE_DEVICES empty); use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise CommandError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise CommandError("--device mps: this torch has no usable MPS (Apple GPU) backend; use --device cpu")
 
 
 def open_pipeline(args):
     """The pipeline for --checkpoint (torch reference) or --bundle (deployed engine)."""
     from molmoact_edge.runtime.engine.pipeline import ModelSpec, Pipeline
 
+    check_args(args)
     if args.checkpoint is not None:
-        if args.backend not in (None, "torch"):
-            raise SystemExit("error: --checkpoint runs the torch reference; export a bundle for other backends")
-        try:
-            import torch  # noqa: F401  (only to give a clear message when the export extra is absent)
-        except ImportError:
-            raise SystemExit("error: --checkpoint needs torch: pip install torch==2.13.0 'molmoact-edge[export]'")
         from molmoact_edge.export.checkpoint import load_model, parse_dtype
         from molmoact_edge.export.torch_backend import TorchBackend
 
@@ -122,15 +159,9 @@ def run(args) -> int:
     from molmoact_edge.runtime.engine.grammar import GrammarError, OutputGrammar
     from molmoact_edge.runtime.engine.parser import parse_step
 
-    if args.max_new_tokens < 1:
-        raise SystemExit("error: --max-new-tokens must be >= 1")
+    check_args(args)  # before the images and the model load
     images = _load_images(args.image)
-    steer = None
-    if args.steer_trace is not None:
-        try:
-            steer = [tuple(int(v) for v in pt) for pt in json.loads(args.steer_trace)]
-        except (json.JSONDecodeError, TypeError, ValueError):
-            raise SystemExit(f"error: --steer-trace must be a JSON list of [x, y] integer pairs, got {args.steer_trace!r}")
+    steer = args.steer_trace
     events = []
 
     def on_event(t_ms, ev):
@@ -150,8 +181,7 @@ def run(args) -> int:
             out = pipe.step(images, args.instruction, args.template, args.max_new_tokens, grammar=grammar,
                             steer_trace=steer, on_event=on_event)
     except (ConfigError, GrammarError, ValueError, BackendUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CommandError(str(e)) from e
     parsed = parse_step(out.text, decoder)
     d = result_dict(out)
     d.update(parsed_dict(parsed))
