@@ -8,6 +8,7 @@ its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 FAILURE, USAGE, INTERRUPTED = 1, 2, 130
@@ -84,7 +85,10 @@ def _missing_system_library(e: ImportError) -> str | None:
 
 
 def describe(e: BaseException, command: str | None) -> tuple[int, str] | None:
-    """(exit status, message) for an expected failure; None for a bug (which keeps its traceback)."""
+    """(exit status, message) for an expected failure; None for a bug (which keeps its traceback).
+    MOLMOACT_EDGE_TRACEBACK=1 shows the traceback of every failure (for a bug report)."""
+    if os.environ.get("MOLMOACT_EDGE_TRACEBACK") == "1" and not isinstance(e, UsageError):
+        return None
     what = f"`molmoact-edge {command}`" if command else "molmoact-edge"
     if isinstance(e, KeyboardInterrupt):
         return INTERRUPTED, "interrupted (Ctrl-C)"
@@ -104,10 +108,23 @@ def describe(e: BaseException, command: str | None) -> tuple[int, str] | None:
         return None
     if isinstance(e, OSError) and e.filename is not None:
         return FAILURE, f"{e.strerror or e}: {e.filename}"
-    if type(e).__module__.startswith("onnxruntime"):
+    if _raised_by_onnxruntime(e):
         return FAILURE, (f"onnxruntime could not run the bundle: {e}. A bundle whose files or manifest were "
                          "edited or damaged must be exported again (molmoact-edge export --force)")
     return None
+
+
+def _raised_by_onnxruntime(e: BaseException) -> bool:
+    """onnxruntime reports a graph it cannot run (wrong input dtype or shape: a bundle that disagrees
+    with itself) as a RuntimeError of its own or a plain one raised from inside its package."""
+    if type(e).__module__.startswith("onnxruntime"):
+        return True
+    if type(e) is not RuntimeError or e.__traceback__ is None:
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{os.sep}onnxruntime{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
 def report(status: int, message: str) -> int:
