@@ -61,9 +61,20 @@ def check_args(args) -> None:
                          "(export a bundle with `molmoact-edge export` for onnxruntime)")
     if args.bundle is not None and args.backend not in (None, "onnxruntime"):
         raise UsageError(f"--backend {args.backend} needs --checkpoint: a bundle runs on onnxruntime")
+    if args.steer_trace is not None and args.no_grammar:
+        raise UsageError("--steer-trace forces the trace through the output grammar: drop --no-grammar")
     if args.checkpoint is not None:
         require_checkpoint_dir(args.checkpoint)
         require_device(args.device)
+    source = args.checkpoint or args.bundle
+    if args.unnorm_key is not None and (source / "config.json").is_file():
+        from molmoact_edge.runtime.engine.config import ConfigError, ModelConfig
+
+        config = ModelConfig.load(source)  # config.json only: cheap, and a broken one is a run-time failure
+        try:
+            config.resolve_unnorm_key(args.unnorm_key)
+        except ConfigError as e:
+            raise UsageError(str(e)) from e
 
 
 def require_checkpoint_dir(path: Path) -> None:

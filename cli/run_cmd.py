@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 
 from molmoact_edge.argtypes import device_spec, instruction, positive_float, positive_int
-from molmoact_edge.errors import CommandError, UsageError
+from molmoact_edge.errors import UsageError
 
 
 def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
@@ -74,10 +74,18 @@ def _check_molmoact(options: dict) -> None:
     from molmoact_edge.runtime.engine.config import ModelConfig
     from molmoact_edge.runtime.molmoact_policy import MolmoActConfig
 
-    cfg = MolmoActConfig(**options)
-    manifest = load_manifest(cfg.bundle, verify_hashes=False)
-    key = ModelConfig.load(manifest.path).resolve_unnorm_key(cfg.unnorm_key)
-    convention_for(cfg.convention or key)
+    if not Path(options["bundle"]).is_dir():
+        load_manifest(options["bundle"], verify_hashes=False)  # says how to make a bundle (exit 1)
+    try:
+        cfg = MolmoActConfig(**options)
+    except ValueError as e:  # the token budget or action count
+        raise UsageError(str(e)) from e
+    manifest = load_manifest(cfg.bundle, verify_hashes=False)  # a bad bundle fails here (exit 1)
+    config = ModelConfig.load(manifest.path)
+    try:  # the key and convention are the user's choice among the bundle's: a usage error
+        convention_for(cfg.convention or config.resolve_unnorm_key(cfg.unnorm_key))
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,11 +124,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, PolicyUnavailable) as e:
         raise UsageError(str(e)) from e
     if options:
-        try:
-            _check_molmoact(options)  # a bad bundle, key or convention fails before any hardware is touched
-        except ValueError as e:  # ConfigError and BundleError included
-            raise CommandError(str(e)) from e
-    cameras = [open_camera(s, args.record if i == 0 else None) for i, s in enumerate(args.camera)]
+        _check_molmoact(options)  # a bad bundle, key or convention fails before any hardware is touched
+    try:
+        cameras = [open_camera(s, args.record if i == 0 else None) for i, s in enumerate(args.camera)]
+    except ValueError as e:  # a camera option the driver refuses (e.g. --record not ending in .db3)
+        raise UsageError(str(e)) from e
     try:
         with CameraSet(cameras), open_robot(args.robot, args.dynamics, not args.no_gripper) as arm:
             for cam in cameras:

@@ -145,6 +145,20 @@ def test_cuda_device_without_cuda_says_so_not_that_the_checkpoint_is_corrupt(tin
     assert "CUDA" in line and "corrupt" not in line and "--device cpu" in line
 
 
+def test_unknown_unnorm_key_is_a_usage_error_for_generate_and_run(tiny):
+    gen = one_error_line(cli("generate", "--bundle", tiny["bundle"], "--image", tiny["image"], "--instruction", "go",
+                             "--unnorm-key", "no_such_key"), USAGE)
+    run = one_error_line(cli("run", "--camera", "replay:nonexist", "--robot", "sim", "--instruction", "go",
+                             "--policy", "molmoact", "--bundle", tiny["bundle"], "--unnorm-key", "no_such_key"), USAGE)
+    assert "no_such_key" in gen and "no_such_key" in run
+
+
+def test_steering_without_grammar_is_a_usage_error(tmp_path):
+    line = one_error_line(cli("generate", "--checkpoint", tmp_path, "--image", tmp_path / "a.png", "--instruction",
+                              "go", "--no-grammar", "--steer-trace", "[[1, 2]]"), USAGE)
+    assert "--no-grammar" in line
+
+
 def test_missing_image_is_a_run_time_failure(tiny, tmp_path):
     line = one_error_line(cli("generate", "--bundle", tiny["bundle"], "--image", tmp_path / "none.png",
                               "--instruction", "go"), RUN_TIME)
