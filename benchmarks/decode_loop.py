@@ -355,10 +355,10 @@ def main(argv=None) -> int:
     return run_cli(p.parse_args(argv))
 
 
-COST = ("It prints a progress line per engine and round on stderr, takes about 2 minutes per round plus "
-        "about a minute of set-up on a 2-core CPU (the first run also writes and exports the model into "
-        "--workdir), and peaks at about 5 GB of RAM: the torch model, transformers' copy of it and the "
-        "onnxruntime session are loaded together.")
+COST = ("It prints a progress line per engine and round on stderr. On a quiet 2-core CPU the set-up and one "
+        "round take about 2 minutes (the first run also writes and exports the model into --workdir; each "
+        "further round adds under a minute), much longer on a loaded machine; it peaks at about 5.2 GB of RAM: "
+        "the torch model, transformers' copy of it and the onnxruntime session are loaded together.")
 
 
 def positive_int(text: str) -> int:
