@@ -30,23 +30,14 @@ class Interrupted(Exception):
 
 
 # Library errors that mean "the input or the machine is not what it must be", not "this program is
-# wrong". Named by module so that checking them never imports torch or a hardware SDK: an exception
-# of a class whose module was never imported cannot have been raised.
-EXPECTED = (
-    ("molmoact_edge.runtime.engine.config", "ConfigError"),
-    ("molmoact_edge.runtime.engine.bundle", "BundleError"),
-    ("molmoact_edge.runtime.engine.preprocess", "ImageError"),
-    ("molmoact_edge.runtime.engine.grammar", "GrammarError"),
-    ("molmoact_edge.runtime.engine.deps", "BackendUnavailable"),
-    ("molmoact_edge.runtime.control.policy", "PolicyUnavailable"),
-    ("molmoact_edge.runtime.molmoact_policy", "NoActionError"),
-    ("molmoact_edge.export.checkpoint", "CheckpointError"),
-    ("molmoact_edge.hardware.camera", "CameraError"),
-    ("molmoact_edge.hardware.arm", "ArmError"),
-    ("molmoact_edge.hardware.sim", "SimError"),
-    ("molmoact_edge.hardware.deps", "MissingDependencyError"),
-    ("molmoact_edge.hardware.recording", "RecordingExistsError"),
-)
+# wrong". Named, not imported: checking them must not import torch or a hardware SDK, and a class keeps
+# its meaning when it moves between modules of the package.
+EXPECTED = frozenset({
+    "ConfigError", "BundleError", "OnnxProtoError", "ImageError", "InputError", "GrammarError",
+    "BackendUnavailable", "NonFiniteError", "CheckpointError", "CalibrationError",  # model, bundle, inputs
+    "PolicyUnavailable", "NoActionError",  # control side
+    "CameraError", "ArmError", "SimError", "MissingDependencyError", "RecordingExistsError",  # hardware
+})
 
 TORCH = "pip install torch==2.13.0 'molmoact-edge[export]'  (README: 'Installing torch')"
 # Third-party module -> how to install it. The robot-only install (`molmoact-edge[robot]`) has no torch.
@@ -66,12 +57,7 @@ APT = {"libusb-1.0": "libusb-1.0-0", "libGL.so": "libgl1", "libEGL": "libegl1"}
 
 
 def _expected_class(e: BaseException) -> bool:
-    for module, name in EXPECTED:
-        mod = sys.modules.get(module)
-        cls = getattr(mod, name, None) if mod is not None else None
-        if cls is not None and isinstance(e, cls):
-            return True
-    return False
+    return any(c.__name__ in EXPECTED and c.__module__.startswith("molmoact_edge.") for c in type(e).__mro__)
 
 
 def _missing_system_library(e: ImportError) -> str | None:

@@ -229,3 +229,16 @@ def test_check_target_removes_only_the_take(tmp_path):
     db3.write_bytes(b"x")
     with pytest.raises(RecordingExistsError):
         check_target(db3)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only expected failures become one line; an error of this program itself is not hidden."""
+    import molmoact_edge.record_cmd as record_cmd
+    from molmoact_edge.main import main
+
+    def broken(args):
+        return 1 / 0
+
+    monkeypatch.setattr(record_cmd, "run", broken)
+    with pytest.raises(ZeroDivisionError):
+        main(["record", "--list"])
