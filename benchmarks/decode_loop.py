@@ -357,8 +357,9 @@ def main(argv=None) -> int:
 
 COST = ("It prints a progress line per engine and round on stderr. On a quiet 2-core CPU the set-up and one "
         "round take about 2 minutes (the first run also writes and exports the model into --workdir; each "
-        "further round adds under a minute), much longer on a loaded machine; it peaks at about 5.2 GB of RAM: "
-        "the torch model, transformers' copy of it and the onnxruntime session are loaded together.")
+        "further round adds under a minute), much longer on a loaded machine. It peaks at about 5.2 GB of RAM "
+        "when it also exports the model, 3.9 GB otherwise: the torch model, transformers' copy of it and the "
+        "onnxruntime session are loaded together.")
 
 
 def positive_int(text: str) -> int:

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("molmoact_edge.demo_cmd", "offline demo: build a tiny random checkpoint and run generate on it"),
     "generate": ("molmoact_edge.generate_cmd", "run one MolmoAct step on images + an instruction"),
     "bench": ("molmoact_edge.bench_cmd", "benchmark one step: our onnxruntime loop vs torch vs transformers "
-                                         "(minutes, ~5 GB RAM)"),
+                                         "(minutes, 4-5 GB RAM)"),
     "export": ("molmoact_edge.export_cmd", "export a checkpoint to a bundle of ONNX graphs for the runtime"),
     "run": ("molmoact_edge.run_cmd", "close the loop: cameras -> policy -> safety -> Franka arm (or franky-sim)"),
     "record": ("molmoact_edge.record_cmd", "record a RealSense camera to a .db3 file or an image folder"),
