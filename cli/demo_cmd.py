@@ -11,20 +11,37 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
+from molmoact_edge.argtypes import instruction, positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=None, help="where to write the demo checkpoint (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="keep the demo checkpoint and bundle here (default: a temporary folder, removed at exit)")
     p.add_argument("--size", choices=["tiny", "bench"], default="tiny", help="random model size preset")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--instruction", default="put the red block in the blue bowl")
-    p.add_argument("--max-new-tokens", type=int, default=400)
+    p.add_argument("--instruction", type=instruction, default="put the red block in the blue bowl")
+    p.add_argument("--max-new-tokens", type=positive_int, default=400)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args) -> int:
+    if args.out is not None:
+        return _run(args)
+    # Without --out the demo's ~70 MB (checkpoint, bundle, scene) go to a temporary folder that is
+    # removed at exit, so that repeated demos do not fill /tmp.
+    with tempfile.TemporaryDirectory(prefix="molmoact-demo-") as tmp:
+        args.out = Path(tmp)
+        code = _run(args)
+        if not args.json:
+            print(f"(removed the temporary demo files in {tmp}; pass --out DIR to keep them)", file=sys.stderr)
+        return code
+
+
+def _run(args) -> int:
     from molmoact_edge.export.onnx_export import export_bundle
     from molmoact_edge.export.tiny import synthetic_scene, write_checkpoint
     from molmoact_edge.runtime.engine.parser import trace_to_pixels
@@ -32,7 +49,7 @@ def run(args) -> int:
     from PIL import Image
 
     say = (lambda *a: None) if args.json else print
-    root = args.out or Path(tempfile.mkdtemp(prefix="molmoact-demo-"))
+    root = args.out
     ckpt = root / f"checkpoint-{args.size}-seed{args.seed}"
     bundle = root / f"bundle-{args.size}-seed{args.seed}"
     if not (ckpt / "model.safetensors").exists():

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from molmoact_edge.errors import CommandError, Interrupted
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,19 +18,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        print("error: export needs torch: pip install torch==2.13.0 'molmoact-edge[export]'", file=sys.stderr)
-        return 2
-    from molmoact_edge.export.checkpoint import CheckpointError
+    from molmoact_edge.generate_cmd import require_checkpoint_dir
+
+    require_checkpoint_dir(args.checkpoint)
     from molmoact_edge.export.onnx_export import export_bundle
-    from molmoact_edge.runtime.engine.config import ConfigError
 
     try:
         out = export_bundle(args.checkpoint, args.out, args.dtype, args.opset, args.force)
-    except (ConfigError, CheckpointError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except FileExistsError as e:
+        raise CommandError(str(e)) from e
+    except KeyboardInterrupt:
+        raise Interrupted(f"export interrupted; {args.out} was left as it was (the bundle is written beside it "
+                          "and moved into place only when complete)") from None
     print(out)
     return 0

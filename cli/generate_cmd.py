@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from molmoact_edge.argtypes import instruction, positive_int, torch_device, trace_points
+from molmoact_edge.errors import CommandError, UsageError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
@@ -18,45 +21,86 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="engine: torch for --checkpoint (default), onnxruntime for --bundle (default)")
     p.add_argument("--image", action="append", required=True, type=Path,
                    help="an image file; repeat for several camera views (first = main view)")
-    p.add_argument("--instruction", required=True, help="the task, e.g. 'close the box'")
+    p.add_argument("--instruction", required=True, type=instruction, help="the task, e.g. 'close the box'")
     p.add_argument("--template", choices=["single", "multi"], default=None,
                    help="prompt template: single for one image, multi for several (default by image count)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget (official: 256, 512 for chunks)")
-    p.add_argument("--dtype", default="fp32", help="torch reference weights dtype: fp32, bf16, fp16")
-    p.add_argument("--device", default="cpu", help="torch reference device, e.g. cpu or cuda")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation budget (official: 256, 512 for chunks)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="torch reference weights dtype")
+    p.add_argument("--device", default="cpu", type=torch_device, help="torch reference device: cpu, cuda, cuda:N")
     p.add_argument("--unnorm-key", default=None,
                    help="norm_stats key used to de-normalise actions (needed when the checkpoint has several)")
     p.add_argument("--no-grammar", action="store_true",
                    help="plain greedy decoding, token for token the official implementation's output "
                         "(default: grammar-constrained decoding, which always yields a parseable answer)")
-    p.add_argument("--max-actions", type=int, default=8,
+    p.add_argument("--max-actions", type=positive_int, default=8,
                    help="most action lists the grammar allows in one answer (fine-tuned checkpoints emit 8)")
-    p.add_argument("--steer-trace", default=None, metavar="JSON",
+    p.add_argument("--steer-trace", default=None, metavar="JSON", type=trace_points,
                    help='force this trace into the answer, e.g. "[[120, 200], [140, 180]]" (0-255, first image)')
     p.add_argument("--stream", action="store_true", help="print depth / trace / actions to stderr as they complete")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def _load_images(paths):
-    from molmoact_edge.runtime.engine.images import ImageError, load_image
+    from molmoact_edge.runtime.engine.images import load_image
 
-    try:
-        return [load_image(path) for path in paths]
-    except ImageError as e:
-        raise SystemExit(f"error: {e}") from None
+    return [load_image(path) for path in paths]  # an ImageError is one `error:` line (cli/errors.py)
+
+
+def check_args(args) -> None:
+    """What can be refused before any model loads: flag combinations, the model folder, the device."""
+    if args.checkpoint is not None and args.bundle_sha256 is not None:
+        raise UsageError("--bundle-sha256 pins a bundle; it does not apply to --checkpoint")
+    if args.checkpoint is not None and args.backend not in (None, "torch"):
+        raise UsageError(f"--backend {args.backend} needs --bundle: --checkpoint runs the torch reference "
+                         "(export a bundle with `molmoact-edge export` for onnxruntime)")
+    if args.bundle is not None and args.backend not in (None, "onnxruntime"):
+        raise UsageError(f"--backend {args.backend} needs --checkpoint: a bundle runs on onnxruntime")
+    if args.steer_trace is not None and args.no_grammar:
+        raise UsageError("--steer-trace forces the trace through the output grammar: drop --no-grammar")
+    if args.checkpoint is not None:
+        require_checkpoint_dir(args.checkpoint)
+        require_device(args.device)
+    source = args.checkpoint or args.bundle
+    if args.unnorm_key is not None and (source / "config.json").is_file():
+        from molmoact_edge.runtime.engine.config import ConfigError, ModelConfig
+
+        config = ModelConfig.load(source)  # config.json only: cheap, and a broken one is a run-time failure
+        try:
+            config.resolve_unnorm_key(args.unnorm_key)
+        except ConfigError as e:
+            raise UsageError(str(e)) from e
+
+
+def require_checkpoint_dir(path: Path) -> None:
+    """The one message for a checkpoint folder that is not there (generate and export)."""
+    if not (path / "config.json").is_file():
+        state = "does not exist" if not path.exists() else "holds no config.json"
+        raise CommandError(f"checkpoint folder {path} {state}: pass a Hugging Face MolmoAct checkpoint folder "
+                           "(config.json + *.safetensors; README 'Where the model comes from')")
+
+
+def require_device(device: str) -> None:
+    """Refuse a CUDA device that this torch cannot use, before the weights load (whose errors would
+    otherwise blame the checkpoint file)."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.backends.cuda.is_built():
+            raise CommandError(f"--device {device}: this torch ({torch.__version__}) was built without CUDA; "
+                               "use --device cpu or install a CUDA build of torch (README 'Installing torch')")
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {device}: torch sees no CUDA GPU (driver missing or "
+                               "CUDA_VISIBLE_DEVICES empty); use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise CommandError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise CommandError("--device mps: this torch has no usable MPS (Apple GPU) backend; use --device cpu")
 
 
 def open_pipeline(args):
-    """The pipeline for --checkpoint (torch reference) or --bundle (deployed engine)."""
+    """The pipeline for --checkpoint (torch reference) or --bundle (deployed engine); `check_args` first."""
     if args.checkpoint is not None:
-        if args.bundle_sha256 is not None:
-            raise SystemExit("error: --bundle-sha256 pins a bundle; it does not apply to --checkpoint")
-        if args.backend not in (None, "torch"):
-            raise SystemExit("error: --checkpoint runs the torch reference; export a bundle for other backends")
-        try:
-            import torch  # noqa: F401  (only to give a clear message when the export extra is absent)
-        except ImportError:
-            raise SystemExit("error: --checkpoint needs torch: pip install torch==2.13.0 'molmoact-edge[export]'")
         from molmoact_edge.export.checkpoint import parse_dtype
         from molmoact_edge.export.torch_backend import open_checkpoint
 
@@ -71,21 +115,10 @@ def run(args) -> int:
     from molmoact_edge.runtime.engine.deps import BackendUnavailable
     from molmoact_edge.runtime.engine.generate import NonFiniteError
     from molmoact_edge.runtime.engine.grammar import GrammarError
-    from molmoact_edge.runtime.engine.prompt import InputError, check_instruction
 
-    if args.max_new_tokens < 1:
-        raise SystemExit("error: --max-new-tokens must be >= 1")
-    try:
-        check_instruction(args.instruction)
-    except InputError as e:
-        raise SystemExit(f"error: {e}") from None
+    check_args(args)  # before the images and the model load
     images = _load_images(args.image)
-    steer = None
-    if args.steer_trace is not None:
-        try:
-            steer = [tuple(int(v) for v in pt) for pt in json.loads(args.steer_trace)]
-        except (json.JSONDecodeError, TypeError, ValueError):
-            raise SystemExit(f"error: --steer-trace must be a JSON list of [x, y] integer pairs, got {args.steer_trace!r}")
+    steer = args.steer_trace
 
     def stream(ev):
         if args.stream:
@@ -96,12 +129,9 @@ def run(args) -> int:
             res = pipe.act(images, args.instruction, template=args.template, max_new_tokens=args.max_new_tokens,
                            grammar=not args.no_grammar, max_actions=args.max_actions, unnorm_key=args.unnorm_key,
                            steer_trace=steer, on_event=stream)
-    except NonFiniteError as e:  # the model failed at run time: no answer, no action
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ConfigError, GrammarError, ValueError, BackendUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, GrammarError, ValueError, BackendUnavailable, NonFiniteError) as e:
+        # NonFiniteError: the model failed at run time; there is no answer and no action
+        raise CommandError(str(e)) from e
     if args.json:
         print(res.to_json())
         return 0

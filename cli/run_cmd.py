@@ -15,7 +15,11 @@ import logging
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
+
+from molmoact_edge.argtypes import device_spec, instruction, positive_float, positive_int
+from molmoact_edge.errors import UsageError
 
 
 def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
@@ -30,9 +34,10 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--camera", action="append", required=True, metavar="SPEC",
+                   type=device_spec({"realsense": "", "replay": "PATH"}),
                    help="realsense | realsense:SERIAL | replay:PATH (.db3 recording or image folder); repeat for several")
-    p.add_argument("--robot", required=True, metavar="SPEC", help="franka:IP | sim (start franky-sim) | sim:HOST (running franky-sim)")
-    p.add_argument("--instruction", required=True, help="the task in words, e.g. 'put the cup in the sink'")
+    p.add_argument("--robot", required=True, metavar="SPEC", type=device_spec({"franka": "IP", "sim": ""}), help="franka:IP | sim (start franky-sim) | sim:HOST (running franky-sim)")
+    p.add_argument("--instruction", required=True, type=instruction, help="the task in words, e.g. 'put the cup in the sink'")
     p.add_argument("--policy", default="scripted", choices=["scripted", "molmoact"],
                    help="scripted: move by --scripted-offset (bring-up without a model); molmoact: the model, "
                         "from --bundle")
@@ -43,20 +48,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dataset statistics and action convention of the bundle's checkpoint (e.g. bridge_orig)")
     p.add_argument("--convention", default=None,
                    help="use this action-convention preset instead of the unnorm key's own (runtime/control/convention.py)")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="MolmoAct token budget per step")
-    p.add_argument("--max-actions", type=int, default=8, help="most action lists per MolmoAct answer")
-    p.add_argument("--rate", type=float, default=50.0, help="executor rate in Hz, 20-50 (default 50)")
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=512, help="MolmoAct token budget per step")
+    p.add_argument("--max-actions", type=positive_int, default=8, help="most action lists per MolmoAct answer")
+    p.add_argument("--rate", type=float, default=50.0, help="executor rate in Hz, 20-50")
+    p.add_argument("--duration", type=positive_float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--log", default=None, help="JSONL run log (default runs/run-<time>.jsonl)")
     p.add_argument("--worker", choices=["thread", "process"], default="process",
-                   help="where inference runs (default process: it keeps the executor on time, see README)")
-    p.add_argument("--dynamics", type=float, default=0.1, help="franky relative dynamics factor (default 0.1)")
-    p.add_argument("--max-speed", type=float, default=0.25, help="max commanded EE speed in m/s (default 0.25)")
+                   help="where inference runs (process keeps the executor on time, see README)")
+    p.add_argument("--dynamics", type=float, default=0.1, help="franky relative dynamics factor")
+    p.add_argument("--max-speed", type=positive_float, default=0.25, help="max commanded EE speed in m/s")
     p.add_argument("--workspace", default=None, metavar="XMIN,YMIN,ZMIN,XMAX,YMAX,ZMAX",
+                   type=partial(_floats, n=6, what="--workspace"),
                    help="workspace box in the base frame, metres (default 0.25,-0.4,0.05,0.75,0.4,0.7)")
-    p.add_argument("--scripted-offset", default="0.05,0,0", metavar="DX,DY,DZ", help="scripted policy goal offset in metres")
-    p.add_argument("--frame-timeout", type=float, default=0.5, help="stop when the newest frame is older (s)")
-    p.add_argument("--action-timeout", type=float, default=60.0, help="stop when one inference takes longer (s)")
+    p.add_argument("--scripted-offset", default=(0.05, 0.0, 0.0), metavar="DX,DY,DZ",
+                   type=partial(_floats, n=3, what="--scripted-offset"), help="scripted policy goal offset in metres")
+    p.add_argument("--frame-timeout", type=positive_float, default=0.5, help="stop when the newest frame is older (s)")
+    p.add_argument("--action-timeout", type=positive_float, default=60.0, help="stop when one inference takes longer (s)")
     p.add_argument("--no-gripper", action="store_true", help="the arm has no Franka Hand")
     p.add_argument("--record", default=None, metavar="PATH.db3", help="also record the (first) RealSense stream to this file")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -70,10 +77,18 @@ def _check_molmoact(options: dict) -> None:
     from molmoact_edge.runtime.engine.config import ModelConfig
     from molmoact_edge.runtime.molmoact_policy import MolmoActConfig
 
-    cfg = MolmoActConfig(**options)
-    manifest = load_manifest(cfg.bundle, verify_hashes=False, bundle_sha256=cfg.bundle_sha256)
-    key = ModelConfig.load(manifest.path).resolve_unnorm_key(cfg.unnorm_key)
-    convention_for(cfg.convention or key)
+    if not Path(options["bundle"]).is_dir():
+        load_manifest(options["bundle"], verify_hashes=False)  # says how to make a bundle (exit 1)
+    try:
+        cfg = MolmoActConfig(**options)
+    except ValueError as e:  # the token budget or action count
+        raise UsageError(str(e)) from e
+    manifest = load_manifest(cfg.bundle, verify_hashes=False, bundle_sha256=cfg.bundle_sha256)  # a bad bundle fails here (exit 1)
+    config = ModelConfig.load(manifest.path)
+    try:  # the key and convention are the user's choice among the bundle's: a usage error
+        convention_for(cfg.convention or config.resolve_unnorm_key(cfg.unnorm_key))
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 def _sigterm_as_interrupt(signum, frame) -> None:
@@ -134,11 +149,10 @@ def _run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log_path = args.log or str(Path("runs") / time.strftime("run-%Y%m%d-%H%M%S.jsonl"))
-    try:
+    try:  # the options' own checks (rates, limits, timeouts): a bad value is a usage error
         safety_kw = {"dynamics_factor": args.dynamics, "max_speed_m_s": args.max_speed}
         if args.workspace:
-            box = _floats(args.workspace, 6, "--workspace")
-            safety_kw |= {"workspace_min": box[:3], "workspace_max": box[3:]}
+            safety_kw |= {"workspace_min": args.workspace[:3], "workspace_max": args.workspace[3:]}
         options = {}
         if args.bundle_sha256 is not None and args.policy != "molmoact":
             raise ValueError("--bundle-sha256 pins the bundle of --policy molmoact; drop it for --policy scripted")
@@ -148,18 +162,20 @@ def _run(args: argparse.Namespace) -> int:
             options = {"bundle": args.bundle, "bundle_sha256": args.bundle_sha256, "unnorm_key": args.unnorm_key,
                        "convention": args.convention,
                        "max_new_tokens": args.max_new_tokens, "max_actions": args.max_actions}
-            _check_molmoact(options)  # fails with the reason before any hardware is touched
-        spec = PolicySpec(kind=args.policy, scripted=ScriptedConfig(offset=_floats(args.scripted_offset, 3, "--scripted-offset")),
-                          options=options)
+        spec = PolicySpec(kind=args.policy, scripted=ScriptedConfig(offset=args.scripted_offset), options=options)
         config = LoopConfig(
             instruction=args.instruction, rate_hz=args.rate, safety=SafetyConfig(**safety_kw),
             watchdog=WatchdogConfig(frame_timeout_s=args.frame_timeout, action_timeout_s=args.action_timeout),
             worker=WorkerConfig(mode=args.worker), log_path=log_path, max_duration_s=args.duration,
         )
+    except (ValueError, PolicyUnavailable) as e:
+        raise UsageError(str(e)) from e
+    if options:
+        _check_molmoact(options)  # a bad bundle, key or convention fails before any hardware is touched
+    try:
         cameras = [open_camera(s, args.record if i == 0 else None) for i, s in enumerate(args.camera)]
-    except (ValueError, argparse.ArgumentTypeError, PolicyUnavailable) as e:  # ConfigError/BundleError are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a camera option the driver refuses (e.g. --record not ending in .db3)
+        raise UsageError(str(e)) from e
     try:
         with CameraSet(cameras), open_robot(args.robot, args.dynamics, not args.no_gripper) as arm:
             for cam in cameras:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -163,6 +164,36 @@ class FolderWriter:
         self.close()
 
 
+class RecordingExistsError(FileExistsError):
+    """The output already holds a recording; writing into it would mix two takes."""
+
+
+# What a recording consists of: a .db3 file, or these entries of an image folder.
+TAKE_ENTRIES = ("color", "depth", "intrinsics.json", "timestamps.txt")
+
+
+def check_target(path: str | Path, force: bool = False) -> None:
+    """Refuse to record into an existing take (its frames and timestamps would mix with the new
+    ones); with ``force`` remove the old take first (only the files a take consists of)."""
+    path = Path(path)
+    if str(path).endswith(".db3"):
+        old = [path] if path.exists() else []
+    else:
+        if path.exists() and not path.is_dir():
+            raise RecordingExistsError(f"{path} is a file, not a folder; give a folder or a .db3 path to record to")
+        old = [path / e for e in TAKE_ENTRIES if (path / e).exists()]
+    if not old:
+        return
+    if not force:
+        raise RecordingExistsError(f"{path} already holds a recording; choose another --out or pass --force "
+                                   "to replace it")
+    for p in old:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def open_writer(path: str | Path, intrinsics: Intrinsics, depth: bool, fps: int = 30, depth_scale: float = 0.001):
     """A .db3 path gives a pyrealsense2 recording; anything else an image folder."""
     if str(path).endswith(".db3"):
@@ -170,12 +201,15 @@ def open_writer(path: str | Path, intrinsics: Intrinsics, depth: bool, fps: int 
     return FolderWriter(path, intrinsics, depth_scale=depth_scale)
 
 
-def record(camera: Camera, path: str | Path, seconds: float, fps: int = 30, clock=time.monotonic) -> int:
+def record(camera: Camera, path: str | Path, seconds: float, fps: int = 30, clock=time.monotonic,
+           force: bool = False) -> int:
     """Record every new frame of a connected camera for `seconds`; returns the number written.
+    An existing take at ``path`` is refused unless ``force`` (see :func:`check_target`).
 
     Frames are written from the capture thread when the camera supports `subscribe` (none is missed);
     otherwise the latest frame is polled at twice the frame rate.
     """
+    check_target(path, force)
     first: Frame | None = None
     deadline = clock() + 5.0
     while first is None:

@@ -3,7 +3,7 @@
 franky-sim binds the FCI port (1337) and the gripper port (1338) on a loopback address, so several
 servers can run side by side on 127.x.y.z. `SimServer` picks a free address, starts the server,
 waits until it accepts connections and kills it on exit. It is test-only equipment
-(`pip install molmoact-edge[test]` or `pip install franky-sim`).
+(`pip install molmoact-edge[sim]` or `pip install franky-sim`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def free_loopback_host() -> str:
 def franky_sim_command() -> list[str]:
     exe = shutil.which("franky-sim") or str(Path(sys.executable).with_name("franky-sim"))
     if not Path(exe).exists():
-        raise SimError("franky-sim is not installed: `pip install molmoact-edge[test]` (or `pip install franky-sim`)")
+        raise SimError("franky-sim is not installed: `pip install molmoact-edge[sim]` (or `pip install franky-sim`)")
     return [exe]
 
 

@@ -9,9 +9,10 @@ import time
 import numpy as np
 import pytest
 
+from conftest import import_or_skip
 from control_helpers import INTR, synthetic_frames, write_folder
 
-rs = pytest.importorskip("pyrealsense2", reason="pyrealsense2 missing: pip install molmoact-edge[robot] (needs apt libusb-1.0-0)")
+rs = import_or_skip("pyrealsense2", "robot", apt="libusb-1.0-0")
 
 from molmoact_edge.hardware.camera import CameraError, Frame  # noqa: E402
 from molmoact_edge.hardware.realsense import RealSenseCamera, RealSenseConfig, RealSenseDevice, list_devices, resolve_serial  # noqa: E402

@@ -1,0 +1,64 @@
+"""argparse value types: a bad value is a parse error (exit 2) naming the flag, before anything loads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not v > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def instruction(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: say what the robot should do, e.g. 'close the box'")
+    return text
+
+
+def torch_device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def trace_points(text: str) -> list[tuple[int, int]]:
+    """A trace as JSON, e.g. "[[120, 200], [140, 180]]"."""
+    try:
+        pts = [tuple(int(v) for v in pt) for pt in json.loads(text)]
+    except (json.JSONDecodeError, TypeError, ValueError):
+        pts = None
+    if not pts or any(len(p) != 2 for p in pts):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of [x, y] integer pairs, got {text!r}")
+    return pts
+
+
+def device_spec(kinds: dict[str, str]):
+    """A `KIND[:ARG]` device spec; ``kinds`` maps each kind to '' (ARG optional), 'ARG' (ARG needed)."""
+    def parse(text: str) -> str:
+        kind, _, arg = text.partition(":")
+        if kind not in kinds:
+            accepted = ", ".join(f"{k}:{v}" if v else f"{k}[:...]" for k, v in kinds.items())
+            raise argparse.ArgumentTypeError(f"{text!r}: expected one of {accepted}")
+        if kinds[kind] and not arg:
+            raise argparse.ArgumentTypeError(f"{text!r}: {kind} needs {kinds[kind]}, e.g. {kind}:{kinds[kind]}")
+        return text
+    parse.__name__ = "device spec"
+    return parse
