@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from molmoact_edge.errors import CommandError, UsageError
 
 SCHEMES = ["fp16", "int8-wo", "int4-rtn", "w8a8-sq", "int4-awq", "fp8"]
 
@@ -26,13 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    try:
-        import onnxruntime  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError:
-        print("error: quantize needs torch and onnxruntime: pip install torch==2.13.0 'molmoact-edge[export]'",
-              file=sys.stderr)
-        return 2
+    # torch/onnxruntime missing: the central error path names the extra to install (cli/errors.py)
     from molmoact_edge.export.checkpoint import CheckpointError
     from molmoact_edge.quantization.calibration import CalibrationError
     from molmoact_edge.quantization.quantize import quantize_bundle
@@ -41,13 +36,11 @@ def run(args) -> int:
 
     try:
         recipe = recipe_for(args.scheme, args.target, args.group_size)
-    except (ValueError, NotImplementedError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, NotImplementedError) as e:  # a scheme/target/group the recipes refuse: usage
+        raise UsageError(str(e)) from e
     try:
         out = quantize_bundle(args.checkpoint, args.out, recipe, calib=args.calib, force=args.force)
     except (ConfigError, CheckpointError, CalibrationError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CommandError(str(e)) from e
     print(out)
     return 0
