@@ -28,8 +28,13 @@ def positive_float(text: str) -> float:
 
 
 def instruction(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("is empty: say what the robot should do, e.g. 'close the box'")
+    # The engine's own check (tokens of the instruction need the tokenizer and are checked at run time)
+    from molmoact_edge.runtime.engine.prompt import InputError, check_instruction
+
+    try:
+        check_instruction(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
