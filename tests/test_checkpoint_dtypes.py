@@ -6,6 +6,8 @@ import shutil
 import struct
 
 import pytest
+
+pytest.importorskip("torch", reason="the torch side: pip install '.[export]' (absent on a robot install)")
 import torch
 from safetensors.torch import load_file, save_file
 

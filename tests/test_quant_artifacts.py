@@ -11,6 +11,8 @@ import json
 
 import numpy as np
 import pytest
+
+pytest.importorskip("torch", reason="the torch side: pip install '.[export]' (absent on a robot install)")
 import torch
 from conftest import CASES, GoldenCase
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+
+pytest.importorskip("torch", reason="the torch side: pip install '.[export]' (absent on a robot install)")
 from test_quant_artifacts import OTHER
 
 from molmoact_edge.export.tiny import write_checkpoint

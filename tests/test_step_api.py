@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 import pytest
+
+pytest.importorskip("torch", reason="the torch side: pip install '.[export]' (absent on a robot install)")
 from conftest import GoldenCase
 from control_helpers import check_commands, sim, write_folder  # noqa: F401  (sim is a fixture)
 
