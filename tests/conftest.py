@@ -8,6 +8,7 @@ a folder of bundles exported beforehand (one per fixture, named like it) where t
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,11 @@ CASES = ("single_256", "single_640x480", "multi_2x256", "nested_800x600")
 MISSING_FIXTURES = (f"golden fixtures missing: no molmoact-tiny-*/checkpoint/config.json under {FIXTURES} (the "
                     "official implementation's outputs, kept beside the repository in ../shared/fixtures; set "
                     "MOLMOACT_FIXTURES to their folder)")
+
+
+# A test that runs the torch reference or the exporter itself; the robot install (no torch) skips it.
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="needs the torch side: pip install '.[export]' (absent on a robot install)")
 
 
 def import_or_skip(module: str, extra: str, apt: str | None = None):

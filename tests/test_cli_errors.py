@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import needs_torch
 
 RUN_TIME, USAGE, INTERRUPTED = 1, 2, 130
 
@@ -59,6 +60,7 @@ def test_missing_replay_camera_is_one_line():
     assert "nonexist" in line and "does not exist" in line
 
 
+@needs_torch
 def test_bundle_with_edited_kv_cache_dtype_is_one_line(tiny, tmp_path):
     import shutil
 
@@ -82,11 +84,13 @@ def test_torch_commands_in_the_robot_install_name_the_extra(command, tmp_path):
     assert list(tmp_path.iterdir()) == []  # the demo's temporary folder is removed on failure too
 
 
+@needs_torch
 def test_bench_with_zero_new_tokens_is_a_usage_error():
     line = one_error_line(cli("bench", "--new-tokens", "0"), USAGE)
     assert "--new-tokens" in line
 
 
+@needs_torch
 def test_ctrl_c_during_export_is_one_line_and_leaves_no_bundle(tiny, tmp_path):
     out = tmp_path / "bundle"
     proc = subprocess.Popen([sys.executable, "-c", PRELUDE, "export", "--checkpoint", str(tiny["checkpoint"]),
@@ -135,6 +139,7 @@ def test_bundle_with_torch_backend_is_a_usage_error_without_tensorrt(tmp_path):
     assert "tensorrt" not in line.lower() and "--checkpoint" in line
 
 
+@needs_torch
 def test_cuda_device_without_cuda_says_so_not_that_the_checkpoint_is_corrupt(tiny):
     import torch
 
@@ -145,6 +150,7 @@ def test_cuda_device_without_cuda_says_so_not_that_the_checkpoint_is_corrupt(tin
     assert "CUDA" in line and "corrupt" not in line and "--device cpu" in line
 
 
+@needs_torch
 def test_unknown_unnorm_key_is_a_usage_error_for_generate_and_run(tiny):
     gen = one_error_line(cli("generate", "--bundle", tiny["bundle"], "--image", tiny["image"], "--instruction", "go",
                              "--unnorm-key", "no_such_key"), USAGE)
@@ -159,6 +165,7 @@ def test_steering_without_grammar_is_a_usage_error(tmp_path):
     assert "--no-grammar" in line
 
 
+@needs_torch
 def test_missing_image_is_a_run_time_failure(tiny, tmp_path):
     line = one_error_line(cli("generate", "--bundle", tiny["bundle"], "--image", tmp_path / "none.png",
                               "--instruction", "go"), RUN_TIME)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CASES, GoldenCase, run_generate_json
+from conftest import CASES, GoldenCase, run_generate_json, needs_torch
 from grammar_answers import action_table, answers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -97,6 +97,7 @@ def test_budget_must_be_positive(grammar):  # noqa: F811
         grammar.start(max_tokens=0)
 
 
+@needs_torch
 @pytest.mark.parametrize("name,budget", [(c, None) for c in CASES] + [("single_256", 150)])
 def test_generate_parses_at_the_default_budget_on_every_fixture_case(fixture_a, name, budget):
     """Issue 8: at 256 tokens the random fixture model used to ramble past the budget

@@ -9,6 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import needs_torch
 from PIL import Image
 
 from molmoact_edge.runtime.engine.images import MAX_IMAGE_PIXELS, ImageError, load_image
@@ -104,6 +105,7 @@ def test_not_an_image_and_missing_file(tmp_path):
         load_image(tmp_path / "absent.png")
 
 
+@needs_torch
 @pytest.mark.parametrize("kind", ["truncated", "bomb", "huge"])
 def test_generate_reports_a_bad_image_in_one_line(kind, tmp_path, checkpoint_a):
     if kind == "truncated":

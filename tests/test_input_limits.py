@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import needs_torch
 from PIL import Image
 
 from molmoact_edge.runtime.engine.config import ConfigError
@@ -75,6 +76,7 @@ def test_prompt_longer_than_max_position_embeddings_is_refused(spec, image):
     assert len(spec.inputs([image], "close the box " * 500).input_ids) <= 4096  # 3514 tokens still fit
 
 
+@needs_torch
 def test_checkpoint_config_with_a_million_layers_fails_fast(checkpoint_a, tmp_path):
     from molmoact_edge.export.checkpoint import load_model
 
@@ -86,13 +88,6 @@ def test_checkpoint_config_with_a_million_layers_fails_fast(checkpoint_a, tmp_pa
     (d / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match="'num_hidden_layers' = 1000000 exceeds the limit of 512"):
         load_model(d)
-
-
-@pytest.fixture(scope="module")
-def bundle_a(checkpoint_a, tmp_path_factory):
-    from molmoact_edge.export.onnx_export import export_bundle
-
-    return export_bundle(checkpoint_a, tmp_path_factory.mktemp("limits") / "bundle", progress=lambda s: None)
 
 
 def test_kv_cache_beyond_max_position_embeddings_is_refused(bundle_a):
@@ -130,6 +125,7 @@ def test_more_images_than_positions_are_refused_before_preprocessing(spec):
         spec.inputs([object()] * 20, "close the box", template="multi")
 
 
+@needs_torch
 def test_checkpoint_config_at_the_size_limit_fails_with_a_bounded_message(checkpoint_a, tmp_path):
     from molmoact_edge.export.checkpoint import CheckpointError, load_model
 

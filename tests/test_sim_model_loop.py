@@ -23,10 +23,8 @@ DURATION_S = 10.0
 
 
 @pytest.fixture(scope="module")
-def bundle(checkpoint_a, tmp_path_factory):
-    from molmoact_edge.export.onnx_export import export_bundle
-
-    return export_bundle(checkpoint_a, tmp_path_factory.mktemp("b") / "bundle", progress=lambda s: None)
+def bundle(bundle_a):
+    return bundle_a  # fixture A exported (or handed over to a robot install by MOLMOACT_TEST_BUNDLES)
 
 
 @pytest.mark.sim
