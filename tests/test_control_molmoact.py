@@ -69,9 +69,11 @@ def test_molmoact_policy_closes_the_loop_safely_on_franky_sim(sim, bundle, tmp_p
     audit = check_commands(records, safety, 1.0 / RATE)
     assert result.chunks >= 1 and audit["commands"] > 0
     # Random weights ask for random rotations; within the step limits franky's planner may still
-    # refuse a target (e.g. beyond joint limits). Either the run lasts, or it ends in a clean stop.
+    # refuse a target (e.g. beyond joint limits), and franky-sim's arm can run away from targets the
+    # audit above shows inside the box (README: open problem), which the measured-pose check stops.
+    # Either the run lasts, or it ends in a clean stop caused by the arm, never by our commands.
     if result.reason != "duration":
-        assert result.reason == "fault" and result.fault.kind == "arm_error", result
+        assert result.reason == "fault" and result.fault.kind in ("arm_error", "workspace_exit"), result
         last_stop = [r for r in records if r["kind"] == "stop"][-1]["t"]
         assert not [r for r in records if r["kind"] == "command" and r["t"] > last_stop]
 
