@@ -76,16 +76,22 @@ def test_prompt_longer_than_max_position_embeddings_is_refused(spec, image):
     assert len(spec.inputs([image], "close the box " * 500).input_ids) <= 4096  # 3514 tokens still fit
 
 
-@needs_torch
-def test_checkpoint_config_with_a_million_layers_fails_fast(checkpoint_a, tmp_path):
-    from molmoact_edge.export.checkpoint import load_model
-
+def _with_llm_layers(checkpoint_a, tmp_path, layers: int):
+    """Fixture A's weights under a config that claims ``layers`` LLM layers."""
     d = tmp_path / "ckpt"
     d.mkdir()
     shutil.copy(checkpoint_a / "model.safetensors", d)
     raw = json.loads((checkpoint_a / "config.json").read_text())
-    raw["llm_config"]["num_hidden_layers"] = 10**6  # used to hang while the model was built on meta
+    raw["llm_config"]["num_hidden_layers"] = layers
     (d / "config.json").write_text(json.dumps(raw))
+    return d
+
+
+@needs_torch
+def test_checkpoint_config_with_a_million_layers_fails_fast(checkpoint_a, tmp_path):
+    from molmoact_edge.export.checkpoint import load_model
+
+    d = _with_llm_layers(checkpoint_a, tmp_path, 10**6)  # used to hang while the model was built on meta
     with pytest.raises(ConfigError, match="'num_hidden_layers' = 1000000 exceeds the limit of 512"):
         load_model(d)
 
@@ -129,13 +135,9 @@ def test_more_images_than_positions_are_refused_before_preprocessing(spec):
 def test_checkpoint_config_at_the_size_limit_fails_with_a_bounded_message(checkpoint_a, tmp_path):
     from molmoact_edge.export.checkpoint import CheckpointError, load_model
 
-    d = tmp_path / "ckpt"
-    d.mkdir()
-    shutil.copy(checkpoint_a / "model.safetensors", d)
-    raw = json.loads((checkpoint_a / "config.json").read_text())
-    raw["llm_config"]["num_hidden_layers"] = 512  # the largest accepted: built, then refused by its weights
+    # The largest accepted: built, then refused by its weights
     # (510 blocks the file lacks x 7 tensors per block, MOLMOACT.md section 5)
-    (d / "config.json").write_text(json.dumps(raw))
+    d = _with_llm_layers(checkpoint_a, tmp_path, 512)
     with pytest.raises(CheckpointError, match=r"missing keys \(3570\): \[.*, \.\.\. and 3550 more\]") as e:
         load_model(d)
     assert len(str(e.value)) < 5000
