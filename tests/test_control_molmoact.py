@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from control_helpers import check_commands, sim, write_folder  # noqa: F401  (sim is a fixture)
+from control_helpers import STATE_TIMEOUT_S, check_commands, sim, write_folder  # noqa: F401  (sim is a fixture)
 
 from molmoact_edge.hardware.camera import Frame
 from molmoact_edge.hardware.geometry import Pose
@@ -61,19 +61,18 @@ def test_molmoact_policy_closes_the_loop_safely_on_franky_sim(sim, bundle, tmp_p
     cfg = LoopConfig(instruction="close the box", rate_hz=RATE, safety=safety, worker=WorkerConfig(mode="process"),
                      log_path=str(log_path), max_duration_s=12.0, status_interval_s=1e9)
     with open_replay(ReplayConfig(str(tmp_path / "frames"), loop=True)) as cam, \
-            FrankyArm(FrankyConfig(sim.host, dynamics_factor=safety.dynamics_factor)) as arm:
+            FrankyArm(FrankyConfig(sim.host, dynamics_factor=safety.dynamics_factor, state_timeout_s=STATE_TIMEOUT_S)) as arm:
         cam.wait_first_frame()
         with ControlLoop([cam], arm, spec, cfg, status_stream=None) as loop:
             result = loop.run()
     records = read_log(log_path)
     audit = check_commands(records, safety, 1.0 / RATE)
     assert result.chunks >= 1 and audit["commands"] > 0
-    # Random weights ask for random rotations; within the step limits franky's planner may still
-    # refuse a target (e.g. beyond joint limits), and franky-sim's arm can run away from targets the
-    # audit above shows inside the box (README: open problem), which the measured-pose check stops.
-    # Either the run lasts, or it ends in a clean stop caused by the arm, never by our commands.
+    # The run lasts its duration. The one stop tolerated is franky-sim starved of CPU on a shared
+    # machine, which the driver names (controller clock below real time); never a runaway.
     if result.reason != "duration":
-        assert result.reason == "fault" and result.fault.kind in ("arm_error", "workspace_exit"), result
+        assert result.reason == "fault" and result.fault.kind == "arm_error", result
+        assert "running away" not in result.fault.message and "controller clock ran at" in result.fault.message, result
         last_stop = [r for r in records if r["kind"] == "stop"][-1]["t"]
         assert not [r for r in records if r["kind"] == "command" and r["t"] > last_stop]
 

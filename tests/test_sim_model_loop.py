@@ -28,12 +28,11 @@ def bundle(bundle_a):
 
 
 @pytest.mark.sim
-def test_model_in_the_loop_on_franky_sim_ends_cleanly_and_stays_within_limits(bundle, tmp_path):
-    """The README's command. It should run its whole duration (issue 11 item 3); on franky-sim it does
-    not always yet: franky's commanded motion can still run away from a slow target stream (1.3 rad/s
-    measured against a 0.2 rad/s stream), and the driver then stops the run as a Franka's velocity
-    reflex would. What must hold either way: the run ends (by its duration or by a named safety stop,
-    never by a hang or a crash), and every command it sent is within the safety limits."""
+def test_model_in_the_loop_on_franky_sim_runs_its_whole_duration_within_limits(bundle, tmp_path):
+    """The README's command runs its whole duration (issue 11 item 3): franky's command no longer runs
+    away from the slow target stream (it did 5 of 5 times before `sim_launch`). The one stop tolerated is
+    the simulator starved of CPU, which the driver diagnoses by name (the controller clock measured
+    below real time): a shared CI machine, not the code. A runaway or any other fault fails."""
     if not sim_available():
         pytest.skip("franky-sim / franky-control not installed: pip install molmoact-edge[robot,sim]")
     write_folder(tmp_path / "frames", 10)
@@ -49,13 +48,10 @@ def test_model_in_the_loop_on_franky_sim_ends_cleanly_and_stays_within_limits(bu
     if end[-1]["reason"] == "duration":
         assert proc.returncode == 0 and not stops
     else:
-        # Only the arm's own faults (planner abort, runaway, a simulator too slow for real time, or the
-        # measured arm leaving the box while every command stayed in it: audited below) are tolerated
-        # here; a policy error or a camera stall would be our bug.
-        assert end[-1]["reason"] == "fault" and end[-1]["fault"] in ("arm_error", "workspace_exit"), \
-            f"run ended by {end[-1]}: {stops}"
-        assert proc.returncode != 0 and stops and stops[-1]["sent"]
-        print(f"run stopped by the arm: {stops[-1]['message']}")
+        message = stops[-1]["message"] if stops else ""
+        assert end[-1]["fault"] == "arm_error" and "running away" not in message \
+            and "controller clock ran at" in message, f"run ended by {end[-1]}: {stops}"
+        print(f"run stopped on a simulator starved of CPU: {message}")
 
     start = records[0]
     assert start["kind"] == "start"
@@ -64,10 +60,11 @@ def test_model_in_the_loop_on_franky_sim_ends_cleanly_and_stays_within_limits(bu
     # 1.7 m/s and 2.5 rad/s for a Franka, times the factor), so the planner keeps up with it.
     assert safety.max_speed_m_s <= 1.7 * safety.dynamics_factor + 1e-9
     assert safety.max_rot_speed_rad_s <= 2.5 * safety.dynamics_factor + 1e-9
-    audit = check_commands(records, safety, 1.0 / RATE)
-    assert audit["commands"] > 0 and end[-1]["chunks"] >= 1
-    # The model asked for more rotation than that: the limit, not the model, set the pace.
-    assert end[-1]["interventions"].get("rotation_clamp", 0) > 0
+    audit = check_commands(records, safety, 1.0 / RATE)  # whatever was sent is within the limits
+    if end[-1]["reason"] == "duration":
+        assert audit["commands"] > 0 and end[-1]["chunks"] >= 1
+        # The model asked for more rotation than that: the limit, not the model, set the pace.
+        assert end[-1]["interventions"].get("rotation_clamp", 0) > 0
 
 
 @pytest.mark.sim
