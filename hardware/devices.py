@@ -21,6 +21,9 @@ def open_camera(spec: str, record: str | None = None):
     raise ValueError(f"--camera {spec!r}: expected realsense, realsense:SERIAL or replay:PATH")
 
 
+SIM_STATE_TIMEOUT_S = 0.5  # --robot sim: no new state for this long means the simulator is gone
+
+
 @contextlib.contextmanager
 def open_robot(spec: str, dynamics: float, gripper: bool):
     from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
@@ -40,7 +43,10 @@ def open_robot(spec: str, dynamics: float, gripper: bool):
 
             with SimServer() as sim:
                 print(f"franky-sim running on {sim.host}", file=sys.stderr)
-                with FrankyArm(FrankyConfig(sim.host, dynamics_factor=dynamics, gripper=gripper)) as arm:
+                # A local simulator that waits for CPU freezes its clock for longer than a real
+                # controller's link may go silent (100 ms); the tests' limit, not the robot's.
+                with FrankyArm(FrankyConfig(sim.host, dynamics_factor=dynamics, gripper=gripper,
+                                            state_timeout_s=SIM_STATE_TIMEOUT_S)) as arm:
                     yield arm
     else:
         raise ValueError(f"--robot {spec!r}: expected franka:IP, sim or sim:HOST")
