@@ -9,8 +9,8 @@ rad/s commanded while its planner's limit was 0.25 rad/s; the driver's runaway c
   steps and libfranka misses states. Then franky extrapolates the gap from the reported motion,
   libfranka's command filter works against a stale reported command, and franky-sim holds the old
   command: the guesses disagree and the command jumps, feeding the next guess. `lockstep` makes a
-  step wait (during a motion, at most `LOCKSTEP_WAIT_S`) for the command that answers the previous
-  state; the simulated clock slows down instead (the driver measures and reports its rate).
+  step wait (during a motion, at most `LOCKSTEP_WAIT_S`) for libfranka's next command; the simulated
+  clock slows down instead (the driver measures and reports its rate).
 - **It reports the commanded twist and acceleration late.** franky restarts its planner from them at
   every replaced motion (every streamed target). franky-sim reports them through low-pass filters
   (about 20 ms behind; the acceleration from the inverse-kinematics joint targets, filtered twice), so
@@ -19,8 +19,9 @@ rad/s commanded while its planner's limit was 0.25 rad/s; the driver's runaway c
 
 A drill that streams rotations around the gripper-down pose (tests/test_sim_model_loop.py) ran away
 2 of 2 times on franky-sim as shipped, 2 of 2 with only the second fix, 0 of 2 with only the first
-and 0 with both. The patch reaches into franky-sim's private attributes and checks them at start-up:
-written for franky-sim 1.0.4.
+and 0 of 3 with both (load 20-22). When the machine starves the simulator so far that the wait runs out
+(controller clock 0.03-0.06x real time), the runaway can come back. The patch reaches into franky-sim's
+private attributes and checks them at start-up: written for franky-sim 1.0.4.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import select
 import sys
 import time
 
-# How long a simulator step waits for the command answering the previous state (host seconds).
+# How long a simulator step waits for libfranka's next command (host seconds): a short stall of the
+# client is waited out, a long one (or a client gone) lets the simulator go on as before.
 LOCKSTEP_WAIT_S = 0.05
 
 # franky-sim's private layout this patch relies on (checked at start-up, so a new release that moves
@@ -144,7 +146,7 @@ def exact_commanded_derivatives(robot) -> None:
 
 
 def lockstep(server_class, wait_s: float = LOCKSTEP_WAIT_S) -> None:
-    """Make franky-sim's robot server wait, during a motion, for the command answering its last state.
+    """Make franky-sim's robot server wait, during a motion, for libfranka's next command before a step.
 
     A Franka's client answers every state within its 1 ms cycle (a real-time thread; a late one is a
     communication reflex). franky-sim steps on whether or not the answer came, so on a busy machine
@@ -157,22 +159,23 @@ def lockstep(server_class, wait_s: float = LOCKSTEP_WAIT_S) -> None:
     original = server_class._process_udp_commands
     if getattr(original, "_lockstep", False):
         return
+
     def _process_udp_commands(self):
         original(self)
-        if not self.current_motion_id:
-            return
         try:
-            answered = self._FrankaServer__message_id - 1  # the id of the last state sent
+            answered = self._FrankaRobotServer__has_new_command  # set by every command received this step
             sock = self._FrankaServer__udp_socket
-            self._FrankaRobotServer__current_control_command.message_id  # noqa: B018  (layout check)
+            # A motion starts with states only: libfranka answers once the state shows the motion.
+            started = self._FrankaRobotServer__current_control_command.message_id > 0
         except AttributeError as e:
             raise RuntimeError(f"franky-sim's server changed ({e}); this patch was written for franky-sim 1.0.4") from e
         deadline = time.monotonic() + wait_s
-        while self.current_motion_id and self._FrankaRobotServer__current_control_command.message_id < answered:
+        while self.current_motion_id and started and not answered:
             left = deadline - time.monotonic()
             if left <= 0 or sock is None or not select.select([sock], [], [], left)[0]:
                 return
             original(self)
+            answered = self._FrankaRobotServer__has_new_command
 
     _process_udp_commands._lockstep = True
     server_class._process_udp_commands = _process_udp_commands

@@ -163,9 +163,9 @@ def _gripper_down_trajectory(k: int):
 def test_sim_reports_the_commanded_twist_of_franky_s_planner_not_a_lagging_estimate():
     """The commanded twist and acceleration that franky restarts its planner from (every replaced
     motion) and extrapolates missed cycles with. franky-sim's own estimate trails the command by about
-    20 ms (so each restart gives back the velocity the planner had braked away: the runaway); ours is
-    the planner's own 1 ms difference, whatever step the command arrived in, and it is not fed the
-    jump of a command that follows missed states."""
+    20 ms (so each restart gives back the velocity the planner had braked away); ours is the planner's
+    own 1 ms difference, whatever step the command arrived in, and it is not fed the jump of a command
+    that follows missed states."""
     pytest.importorskip("franky_sim", reason="franky-sim not installed: pip install molmoact-edge[sim]")
     from franky_sim.base_simulator import PoseDerivativeTracker
 
