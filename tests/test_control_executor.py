@@ -167,6 +167,8 @@ def test_watchdog_faults_and_their_times():
     ({"max_speed_m_s": 2.0}, "max_speed_m_s"),
     ({"dynamics_factor": 0.9}, "dynamics_factor"),
     ({"gripper_hysteresis": 1.5}, "gripper_hysteresis"),
+    ({"max_lead_rad": 0.0}, "max_lead_rad"),
+    ({"max_lead_rad": 4.0}, "max_lead_rad"),
 ])
 def test_safety_config_validation_names_field(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -259,3 +261,36 @@ def test_lead_bound_never_drags_the_target_after_the_arm():
     # And a move that would increase the lead beyond both the bound and the present lead is held back.
     f = layer.filter(Pose((0.5, 0.0, 0.45), HOME.quaternion), HOME, pushed)
     assert np.linalg.norm(f.target.p - pushed.p) <= 0.10 + 1e-12 and "lead_clamp" in f.interventions
+
+
+def yaw_pose(angle):
+    """HOME turned by `angle` about its tool axis (inside any tilt cone)."""
+    return Pose(HOME.position, (np.cos(angle / 2), np.sin(angle / 2), 0.0, 0.0))
+
+
+def test_commanded_orientation_never_leads_a_stuck_wrist_by_more_than_the_bound():
+    layer = SafetyLayer(SafetyConfig(max_lead_rad=0.2), PERIOD)
+    goal, previous, leads = yaw_pose(1.2), HOME, []
+    for _ in range(200):  # 4 s of a 1.2 rad turn at 1 rad/s while the arm does not turn at all
+        f = layer.filter(goal, previous, HOME)
+        previous = f.target
+        leads.append(quat_angle(previous.q, HOME.q))
+    assert max(leads) <= 0.2 + 1e-6
+    assert max(leads) > 0.199  # it does turn up to the bound
+    assert layer.counts.get("turn_lead_clamp", 0) > 0
+    # Released, the wrist follows the command exactly: the turn resumes at the step limit, to the goal.
+    angles = []
+    for _ in range(100):
+        previous = layer.filter(goal, previous, previous).target
+        angles.append(quat_angle(previous.q, HOME.q))
+    assert np.all(np.diff(angles) <= layer.max_step_rad + 1e-6)
+    assert quat_angle(previous.q, goal.q) < 1e-6
+
+
+def test_orientation_lead_bound_never_drags_the_target_after_the_wrist():
+    layer = SafetyLayer(SafetyConfig(max_lead_rad=0.2), PERIOD)
+    turned = yaw_pose(0.5)  # the wrist was pushed 0.5 rad away from the command
+    f = layer.filter(HOME, HOME, turned)
+    assert quat_angle(f.target.q, HOME.q) < 1e-9  # holds; it does not follow the wrist
+    f = layer.filter(yaw_pose(-0.5), HOME, turned)  # turning further away from the wrist is held back
+    assert quat_angle(f.target.q, turned.q) <= 0.5 + 1e-6 and "turn_lead_clamp" in f.interventions
