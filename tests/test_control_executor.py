@@ -78,6 +78,7 @@ def test_all_stale_keeps_only_the_final_target():
     assert ex.plan[0].pose.p[0] == pytest.approx(0.508) and ex.plan[0].due == pytest.approx(100.7)
 
 
+@pytest.mark.fault
 def test_nonfinite_chunk_rejected_and_plan_kept():
     ex = make_executor()
     ex.accept(chunk(steps_x(4), obs_t=100.0), 100.0, HOME)
@@ -113,6 +114,7 @@ def test_rotation_step_limited():
     assert quat_angle(f.target.q, HOME.q) == pytest.approx(1.0 * PERIOD, abs=1e-9)
 
 
+@pytest.mark.fault
 def test_nonfinite_target_refused():
     layer = SafetyLayer(SafetyConfig(), PERIOD)
 
@@ -146,6 +148,7 @@ def test_gripper_commanded_once_per_change_through_the_executor():
     assert commands[1][0] == pytest.approx(0.20)  # the first tick of action 2's interval (t0 = -1 tick)
 
 
+@pytest.mark.fault
 def test_watchdog_faults_and_their_times():
     wd = Watchdog(WatchdogConfig(frame_timeout_s=0.2, action_timeout_s=1.0))
     ok = wd.check(10.0, 9.9, 0.0, None, None, None, None)
@@ -191,6 +194,7 @@ def run_plan(ex, actions, current_of, ticks, t0=100.0):
     return out
 
 
+@pytest.mark.fault
 def test_command_never_leads_a_stuck_arm_by_more_than_the_bound():
     ex = make_executor(max_lead_m=0.04)
     # Eight actions of +3 cm each: 0.24 m in 0.8 s (the plan is within the 0.25 m/s step limit...
@@ -211,6 +215,7 @@ def test_command_follows_the_arm_once_it_moves_again():
     assert xs[-1] == pytest.approx(0.5 + 0.16)
 
 
+@pytest.mark.fault
 def test_previous_target_outside_the_box_walks_back_at_the_step_limit():
     layer = SafetyLayer(SafetyConfig(), PERIOD)
     outside = Pose((0.95, 0.0, 0.4), HOME.quaternion)  # 0.2 m beyond workspace_max x = 0.75
@@ -246,6 +251,7 @@ def test_orientation_stays_in_the_cone_around_the_start_tool_axis():
     assert quat_angle(previous.q, yaw.q) < 1e-6
 
 
+@pytest.mark.fault
 def test_measured_pose_outside_the_box_beyond_the_margin_is_a_fault():
     layer = SafetyLayer(SafetyConfig(box_margin_m=0.03), PERIOD)
     assert layer.check_measured(Pose((0.77, 0.0, 0.4), HOME.quaternion)) is None  # 2 cm out: overshoot
@@ -268,6 +274,7 @@ def yaw_pose(angle):
     return Pose(HOME.position, (np.cos(angle / 2), np.sin(angle / 2), 0.0, 0.0))
 
 
+@pytest.mark.fault
 def test_commanded_orientation_never_leads_a_stuck_wrist_by_more_than_the_bound():
     layer = SafetyLayer(SafetyConfig(max_lead_rad=0.2), PERIOD)
     goal, previous, leads = yaw_pose(1.2), HOME, []

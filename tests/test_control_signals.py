@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from control_helpers import sim_available, wait_for, write_folder
+from control_helpers import at_controller_priority, sim_available, wait_for, write_folder
 
-pytestmark = pytest.mark.sim
+pytestmark = [pytest.mark.sim, pytest.mark.fault]  # the fault-injection suite (README, safety)
 
 
 def children(pid: int) -> set[int]:
@@ -67,7 +67,7 @@ def started_run(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "molmoact_edge", "run", "--camera", f"replay:{tmp_path / 'frames'}", "--robot", "sim",
          "--instruction", "move", "--policy", "scripted", "--worker", "process", "--duration", "60", "--log", str(log)],
-        stdout=out, stderr=subprocess.STDOUT, text=True,
+        stdout=out, stderr=subprocess.STDOUT, text=True, preexec_fn=at_controller_priority,
     )
     kids: set[int] = set()
     try:

@@ -123,6 +123,7 @@ def test_generate_without_unnorm_key_on_a_checkpoint_with_several(two_key_checkp
     assert keyed["actions_error"] is None and len(keyed["actions"]) >= 1 and keyed["unnorm_key"] == "bridge_orig"
 
 
+@pytest.mark.fault
 def test_nan_model_ends_the_step_with_an_error(nan_bundle, fixture_a):
     with open_bundle(nan_bundle) as pipe, pytest.raises(NonFiniteError, match="NaN"):
         pipe.act(GoldenCase(fixture_a, "single_256").images(), "close the box")
@@ -134,6 +135,7 @@ def test_nan_model_ends_the_step_with_an_error(nan_bundle, fixture_a):
         assert len(lines) == 1 and lines[0].startswith("error:") and "NaN" in lines[0], proc.stderr
 
 
+@pytest.mark.fault
 @pytest.mark.sim
 def test_nan_model_never_moves_the_arm(sim, nan_bundle, tmp_path):  # noqa: F811
     from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
