@@ -74,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    type=partial(_floats, n=3, what="--scripted-offset"), help="scripted policy goal offset in metres")
     p.add_argument("--frame-timeout", type=positive_float, default=0.5, help="stop when the newest frame is older (s)")
     p.add_argument("--action-timeout", type=positive_float, default=60.0, help="stop when one inference takes longer (s)")
+    p.add_argument("--state-timeout", type=float_in(0.005, 5.0, "seconds"), default=0.1, metavar="S",
+                   help="stop when the controller's clock has not advanced for this long (a lost link)")
     p.add_argument("--no-gripper", action="store_true", help="the arm has no Franka Hand")
     p.add_argument("--record", default=None, metavar="PATH.db3", help="also record the (first) RealSense stream to this file")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -189,7 +191,8 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:  # a camera option the driver refuses (e.g. --record not ending in .db3)
         raise UsageError(str(e)) from e
     try:
-        with CameraSet(cameras), open_robot(args.robot, args.dynamics, not args.no_gripper) as arm:
+        robot = open_robot(args.robot, args.dynamics, not args.no_gripper, args.state_timeout)
+        with CameraSet(cameras), robot as arm:
             for cam in cameras:
                 cam.wait_first_frame(5.0)
             config = _fit_to_arm(config, arm)

@@ -22,25 +22,28 @@ def open_camera(spec: str, record: str | None = None):
 
 
 @contextlib.contextmanager
-def open_robot(spec: str, dynamics: float, gripper: bool):
+def open_robot(spec: str, dynamics: float, gripper: bool, state_timeout_s: float = 0.1):
     from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
 
     kind, _, arg = spec.partition(":")
     if kind == "franka":
         if not arg:
             raise ValueError("--robot franka:IP needs the robot's FCI address, e.g. franka:172.16.0.2")
-        with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper)) as arm:
+        with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper,
+                                    state_timeout_s=state_timeout_s)) as arm:
             yield arm
     elif kind == "sim":
         if arg:
-            with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper)) as arm:
+            with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper,
+                                        state_timeout_s=state_timeout_s)) as arm:
                 yield arm
         else:
             from molmoact_edge.hardware.sim import SimServer
 
             with SimServer() as sim:
                 print(f"franky-sim running on {sim.host}", file=sys.stderr)
-                with FrankyArm(FrankyConfig(sim.host, dynamics_factor=dynamics, gripper=gripper)) as arm:
+                with FrankyArm(FrankyConfig(sim.host, dynamics_factor=dynamics, gripper=gripper,
+                                            state_timeout_s=state_timeout_s)) as arm:
                     yield arm
     else:
         raise ValueError(f"--robot {spec!r}: expected franka:IP, sim or sim:HOST")

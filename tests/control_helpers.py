@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from pathlib import Path
 
@@ -19,38 +17,6 @@ INTR = Intrinsics(64, 48, 50.0, 50.0, 32.0, 24.0)
 # fires on a healthy link (3 of 6 reruns failed that way). The tests check what the watchdog does,
 # not how fast a shared CPU is; the sim-killed test asserts detection against this same limit.
 STATE_TIMEOUT_S = 0.5
-
-
-# The nice value the sim tests run the simulator and our control side at. A real Franka's controller
-# is a computer of its own whose clock never lags, and libfranka asks for real-time scheduling on the
-# robot PC (FrankyConfig.realtime); on a shared test machine the simulator stands in for that computer.
-# Starved of CPU its clock falls to 0.3-0.5x real time, franky's 1 kHz loop misses states and its
-# planner aborts (-101) or its command runs away (1.2-1.4 m/s against our 0.25): failures of the
-# stand-in, not of our code. -10 gives these threads ~10x the CPU share of an ordinary job.
-CONTROLLER_NICE = -10
-
-
-@contextlib.contextmanager
-def controller_priority():
-    """Run what this thread starts (franky-sim, franky's threads, the loop's threads, a worker
-    process) at CONTROLLER_NICE; Linux keeps a nice value per thread and new threads and processes
-    inherit it. Without the privilege to raise priority (not root) it runs at the normal one."""
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, CONTROLLER_NICE)
-    except PermissionError:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        os.setpriority(os.PRIO_PROCESS, 0, before)
-
-
-def at_controller_priority() -> None:
-    """`preexec_fn` for a `molmoact-edge run` subprocess that starts its own franky-sim."""
-    with contextlib.suppress(PermissionError):
-        os.setpriority(os.PRIO_PROCESS, 0, CONTROLLER_NICE)
 
 
 def synthetic_frames(n: int, seed: int = 0):
@@ -92,12 +58,11 @@ def sim():
         pytest.skip("franky-sim / franky-control not installed: pip install molmoact-edge[robot,test]")
     from molmoact_edge.hardware.sim import SimServer
 
-    with controller_priority():
-        server = SimServer().start()
-        try:
-            yield server
-        finally:
-            server.close()
+    server = SimServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 def check_commands(records: list[dict], safety, period: float) -> dict:

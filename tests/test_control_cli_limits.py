@@ -1,5 +1,5 @@
 """`molmoact-edge run`'s flags for the limits that follow the measured arm (--max-lead, --max-turn-lead,
---max-tilt, --box-margin): bad values are usage errors, and each value reaches the safety layer of a
+--max-tilt, --box-margin) and for the lost-link watchdog (--state-timeout): bad values are usage errors, and each value reaches the safety layer of a
 real run against franky-sim (read back from the run log, audited independently)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from control_helpers import at_controller_priority, check_commands, sim_available, write_folder
+from control_helpers import STATE_TIMEOUT_S, check_commands, sim_available, write_folder
 
 from molmoact_edge.runtime.control.safety import SafetyConfig
 
@@ -21,9 +21,8 @@ USAGE = 2
 
 
 def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    # At the simulator's priority (control_helpers.CONTROLLER_NICE): `run --robot sim` starts its own.
     return subprocess.run([sys.executable, "-m", "molmoact_edge", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=at_controller_priority)
+                          timeout=timeout)
 
 
 @pytest.mark.parametrize("flag,value,says", [
@@ -31,6 +30,7 @@ def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     ("--max-turn-lead", "0.5", "[1, 180] degrees"),
     ("--max-tilt", "270", "[1, 180] degrees"),
     ("--box-margin", "5cm", "expected a number of metres"),
+    ("--state-timeout", "0", "[0.005, 5] seconds"),
 ])
 def test_bad_limit_values_are_one_line_usage_errors(flag, value, says):
     proc = cli("run", "--camera", "replay:x", "--robot", "sim", "--instruction", "go", flag, value)
@@ -64,7 +64,7 @@ def run_sim(tmp_path):
         log = tmp_path / f"{name}.jsonl"
         proc = cli("run", "--camera", f"replay:{tmp_path / 'frames'}", "--robot", "sim", "--instruction", "move",
                    "--policy", "scripted", "--worker", "thread", "--dynamics", "0.2", "--duration", "3",
-                   "--log", log, *flags)
+                   "--state-timeout", STATE_TIMEOUT_S, "--log", log, *flags)
         return proc, records(log)
     return run
 

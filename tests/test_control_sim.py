@@ -180,7 +180,7 @@ def test_late_chunk_drops_its_stale_prefix(sim, frames_dir, tmp_path):  # noqa: 
 
 
 def test_sim_killed_mid_motion_stops(tmp_path, frames_dir):
-    from control_helpers import controller_priority, sim_available
+    from control_helpers import sim_available
 
     if not sim_available():
         pytest.skip("franky-sim / franky-control not installed: pip install molmoact-edge[robot,test]")
@@ -197,7 +197,7 @@ def test_sim_killed_mid_motion_stops(tmp_path, frames_dir):
         threading.Thread(target=kill, daemon=True).start()
 
     policy = PolicySpec(scripted=ScriptedConfig(offset=(0.0, 0.1, 0.0), step_m=0.01))
-    with controller_priority(), SimServer() as server:
+    with SimServer() as server:
         result, records, *_ = run_loop(server.host, frames_dir / "loop", tmp_path, policy=policy, duration=8.0,
                                        during=kill_later)
     assert result.reason == "fault" and result.fault.kind == "arm_error"
