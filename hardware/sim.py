@@ -8,9 +8,9 @@ waits until it accepts connections and kills it on exit. It is test-only equipme
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -54,10 +54,11 @@ def free_loopback_host() -> str:
 
 
 def franky_sim_command() -> list[str]:
-    exe = shutil.which("franky-sim") or str(Path(sys.executable).with_name("franky-sim"))
-    if not Path(exe).exists():
+    """franky-sim's server through `sim_launch`, which keeps it in step with libfranka and makes it report
+    the commanded motion as a Franka does."""
+    if importlib.util.find_spec("franky_sim") is None:
         raise SimError("franky-sim is not installed: `pip install molmoact-edge[sim]` (or `pip install franky-sim`)")
-    return [exe]
+    return [sys.executable, "-m", "molmoact_edge.hardware.sim_launch"]
 
 
 class SimServer:
