@@ -54,9 +54,9 @@ class SafetyConfig:
     # stream at dynamics 0.2 leads the arm by up to 3.3 cm, so 5 cm never holds back normal motion
     # while a stuck arm cannot build up more than 5 cm of spring (README, safety).
     max_lead_m: float = 0.05
-    # The commanded orientation may lead the measured one by this angle. The same ~0.33 s of lag
-    # (3.3 cm at 0.1 m/s) at the default 1 rad/s rotation limit is 0.33 rad, so 20 degrees (0.349 rad)
-    # never holds back a rotation the step limit allows, while a stuck wrist cannot build up more.
+    # The commanded orientation may lead the measured one by this angle. Derived, not measured: the
+    # ~0.33 s of lag behind the position stream (3.3 cm at 0.1 m/s), at the default 1 rad/s rotation
+    # limit, is 0.33 rad; 20 degrees (0.349 rad) allows that, and a stuck wrist cannot wind up more.
     max_lead_rad: float = 0.3491  # 20 degrees
     # Cone around the tool axis at the start pose: tabletop grasps tilt the gripper, they never
     # need it turned sideways or up.
