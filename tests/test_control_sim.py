@@ -92,7 +92,12 @@ def test_scripted_policy_reaches_target_streaming_every_tick(sim, frames_dir, tm
     first = next(r for r in records if r["kind"] == "chunk")
     span = first["observation_time"], first["observation_time"] + 8 * 0.1
     ticks = [r["tick"] for r in records if r["kind"] == "command" and span[0] < r["t"] < span[1] - PERIOD]
-    assert len(ticks) > 20 and ticks == list(range(ticks[0], ticks[0] + len(ticks)))
+    assert ticks == list(range(ticks[0], ticks[0] + len(ticks)))
+    # The span's 40 periods are ticks that sent a command or periods a logged overrun skipped: a starved
+    # CPU makes the loop skip periods (13 ticks at load 22), never silently. Half of them, as before,
+    # leaves room for an overrun logged just outside the span.
+    skipped = sum(r["skipped"] + 1 for r in records if r["kind"] == "overrun" and span[0] < r["t"] < span[1] - PERIOD)
+    assert len(ticks) + skipped > 20, (len(ticks), skipped)
     assert audit["commands"] == result.commands
 
 

@@ -27,8 +27,8 @@ KEY = "fractal20220817_data"
 
 
 @pytest.fixture(scope="module")
-def bundle(checkpoint_a, tmp_path_factory):
-    return export_bundle(checkpoint_a, tmp_path_factory.mktemp("b") / "bundle", progress=lambda s: None)
+def bundle(bundle_a):
+    return bundle_a  # the session's shared export (read only here; MOLMOACT_TEST_BUNDLES where given)
 
 
 @pytest.fixture(scope="module")
