@@ -151,7 +151,9 @@ def test_nan_model_never_moves_the_arm(sim, nan_bundle, tmp_path):  # noqa: F811
     safety = SafetyConfig(dynamics_factor=0.2)
     log_path = tmp_path / "run.jsonl"
     spec = PolicySpec(kind="molmoact", options={"bundle": str(nan_bundle), "max_actions": 2})
-    cfg = LoopConfig(instruction="close the box", rate_hz=rate, safety=safety, worker=WorkerConfig(mode="process"),
+    # A niced worker loading the bundle took over 60 s at load 20: its start-up is not this test's subject.
+    cfg = LoopConfig(instruction="close the box", rate_hz=rate, safety=safety,
+                     worker=WorkerConfig(mode="process", start_timeout_s=300.0),
                      log_path=str(log_path), max_duration_s=8.0, status_interval_s=1e9)
     with open_replay(ReplayConfig(str(tmp_path / "frames"), loop=True)) as cam, \
             FrankyArm(FrankyConfig(sim.host, dynamics_factor=safety.dynamics_factor,
