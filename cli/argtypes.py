@@ -27,6 +27,20 @@ def positive_float(text: str) -> float:
     return v
 
 
+def float_in(lo: float, hi: float, unit: str):
+    """A number in [lo, hi] (`unit` names it in the error), e.g. a safety limit with a sane range."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of {unit} in [{lo:g}, {hi:g}], got {text!r}") from None
+        if not lo <= v <= hi:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}] {unit}, got {text}")
+        return v
+    parse.__name__ = f"number of {unit}"
+    return parse
+
+
 def instruction(text: str) -> str:
     # The engine's own check (tokens of the instruction need the tokenizer and are checked at run time)
     from molmoact_edge.runtime.engine.prompt import InputError, check_instruction

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-from molmoact_edge.argtypes import device_spec, instruction, positive_float, positive_int
+from molmoact_edge.argtypes import device_spec, float_in, instruction, positive_float, positive_int
 from molmoact_edge.errors import UsageError
 
 
@@ -60,10 +61,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", default=None, metavar="XMIN,YMIN,ZMIN,XMAX,YMAX,ZMAX",
                    type=partial(_floats, n=6, what="--workspace"),
                    help="workspace box in the base frame, metres (default 0.25,-0.4,0.05,0.75,0.4,0.7)")
+    # The limits that follow the measured arm (README, safety): the same ranges as SafetyConfig checks.
+    p.add_argument("--max-lead", type=float_in(0.005, 0.5, "metres"), default=0.05, metavar="M",
+                   help="most the commanded position may lead the measured one (a stuck arm holds the command back)")
+    p.add_argument("--max-turn-lead", type=float_in(1.0, 180.0, "degrees"), default=20.0, metavar="DEG",
+                   help="most the commanded orientation may lead the measured one")
+    p.add_argument("--max-tilt", type=float_in(1.0, 180.0, "degrees"), default=45.0, metavar="DEG",
+                   help="cone around the start pose's tool axis that the commanded tool axis stays in")
+    p.add_argument("--box-margin", type=float_in(0.0, 0.5, "metres"), default=0.05, metavar="M",
+                   help="stop when the measured position is this far outside the --workspace box")
     p.add_argument("--scripted-offset", default=(0.05, 0.0, 0.0), metavar="DX,DY,DZ",
                    type=partial(_floats, n=3, what="--scripted-offset"), help="scripted policy goal offset in metres")
     p.add_argument("--frame-timeout", type=positive_float, default=0.5, help="stop when the newest frame is older (s)")
     p.add_argument("--action-timeout", type=positive_float, default=60.0, help="stop when one inference takes longer (s)")
+    p.add_argument("--state-timeout", type=float_in(0.005, 5.0, "seconds"), default=None, metavar="S",
+                   help="stop when the controller's clock has not advanced for this long (a lost link); "
+                        "default 0.1 s for a Franka, 0.5 s for franky-sim (a starved simulator's clock stalls)")
     p.add_argument("--no-gripper", action="store_true", help="the arm has no Franka Hand")
     p.add_argument("--record", default=None, metavar="PATH.db3", help="also record the (first) RealSense stream to this file")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -150,7 +163,9 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log_path = args.log or str(Path("runs") / time.strftime("run-%Y%m%d-%H%M%S.jsonl"))
     try:  # the options' own checks (rates, limits, timeouts): a bad value is a usage error
-        safety_kw = {"dynamics_factor": args.dynamics, "max_speed_m_s": args.max_speed}
+        safety_kw = {"dynamics_factor": args.dynamics, "max_speed_m_s": args.max_speed, "max_lead_m": args.max_lead,
+                     "max_lead_rad": math.radians(args.max_turn_lead), "max_tilt_rad": math.radians(args.max_tilt),
+                     "box_margin_m": args.box_margin}
         if args.workspace:
             safety_kw |= {"workspace_min": args.workspace[:3], "workspace_max": args.workspace[3:]}
         options = {}
@@ -177,7 +192,8 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as e:  # a camera option the driver refuses (e.g. --record not ending in .db3)
         raise UsageError(str(e)) from e
     try:
-        with CameraSet(cameras), open_robot(args.robot, args.dynamics, not args.no_gripper) as arm:
+        robot = open_robot(args.robot, args.dynamics, not args.no_gripper, args.state_timeout)
+        with CameraSet(cameras), robot as arm:
             for cam in cameras:
                 cam.wait_first_frame(5.0)
             config = _fit_to_arm(config, arm)

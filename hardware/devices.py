@@ -21,22 +21,28 @@ def open_camera(spec: str, record: str | None = None):
     raise ValueError(f"--camera {spec!r}: expected realsense, realsense:SERIAL or replay:PATH")
 
 
+ROBOT_STATE_TIMEOUT_S = 0.1  # a Franka's link: no new state for this long means the link is lost
 SIM_STATE_TIMEOUT_S = 0.5  # --robot sim: no new state for this long means the simulator is gone
 
 
 @contextlib.contextmanager
-def open_robot(spec: str, dynamics: float, gripper: bool):
+def open_robot(spec: str, dynamics: float, gripper: bool, state_timeout_s: float | None = None):
+    """state_timeout_s: None picks the default for the kind of robot (see the constants above)."""
     from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
 
     kind, _, arg = spec.partition(":")
     if kind == "franka":
         if not arg:
             raise ValueError("--robot franka:IP needs the robot's FCI address, e.g. franka:172.16.0.2")
-        with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper)) as arm:
+        timeout = ROBOT_STATE_TIMEOUT_S if state_timeout_s is None else state_timeout_s
+        with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper,
+                                    state_timeout_s=timeout)) as arm:
             yield arm
     elif kind == "sim":
         if arg:
-            with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper)) as arm:
+            timeout = SIM_STATE_TIMEOUT_S if state_timeout_s is None else state_timeout_s
+            with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper,
+                                        state_timeout_s=timeout)) as arm:
                 yield arm
         else:
             from molmoact_edge.hardware.sim import SimServer
@@ -44,9 +50,10 @@ def open_robot(spec: str, dynamics: float, gripper: bool):
             with SimServer() as sim:
                 print(f"franky-sim running on {sim.host}", file=sys.stderr)
                 # A local simulator that waits for CPU freezes its clock for longer than a real
-                # controller's link may go silent (100 ms); the tests' limit, not the robot's.
+                # controller's link may go silent (100 ms): the simulator gets its own default.
+                timeout = SIM_STATE_TIMEOUT_S if state_timeout_s is None else state_timeout_s
                 with FrankyArm(FrankyConfig(sim.host, dynamics_factor=dynamics, gripper=gripper,
-                                            state_timeout_s=SIM_STATE_TIMEOUT_S)) as arm:
+                                            state_timeout_s=timeout)) as arm:
                     yield arm
     else:
         raise ValueError(f"--robot {spec!r}: expected franka:IP, sim or sim:HOST")

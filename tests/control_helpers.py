@@ -70,8 +70,8 @@ def check_commands(records: list[dict], safety, period: float) -> dict:
 
     Recomputed from the raw log, not from the safety layer's own flags: inside the workspace, one
     step at most from the previous command (or from the measured pose after a start or stop: no
-    clamp may jump), near the measured pose, tool axis inside the cone around the start pose.
-    Returns the worst values.
+    clamp may jump), near the measured position and orientation, tool axis inside the cone around
+    the start pose. Returns the worst values.
     """
     lo, hi = np.asarray(safety.workspace_min), np.asarray(safety.workspace_max)
     max_step = safety.max_speed_m_s * period
@@ -82,7 +82,7 @@ def check_commands(records: list[dict], safety, period: float) -> dict:
     # pose_outside_m: how far the *measured* arm went outside the box (overshoot); reported, not a
     # property of the commands.
     worst = {"outside_m": 0.0, "step_m": 0.0, "step_rad": 0.0, "commands": 0, "pose_outside_m": 0.0,
-             "lead_m": 0.0, "tilt_rad": 0.0}
+             "lead_m": 0.0, "lead_rad": 0.0, "tilt_rad": 0.0}
     prev = None
     axis0 = None
     for r in records:
@@ -113,6 +113,10 @@ def check_commands(records: list[dict], safety, period: float) -> dict:
         allowed = max(safety.max_lead_m, float(np.linalg.norm(ref_p - m)))
         assert lead <= allowed + 1e-5, f"a command led the arm by {lead} m > {allowed} m: {r}"
         worst["lead_m"] = max(worst["lead_m"], lead)
+        turn = quat_angle(q, np.asarray(r["pose"]["q"]))  # the same for the orientation
+        allowed = max(safety.max_lead_rad, quat_angle(ref_q, np.asarray(r["pose"]["q"])))
+        assert turn <= allowed + 1e-4, f"a command led the arm's orientation by {turn} rad > {allowed} rad: {r}"
+        worst["lead_rad"] = max(worst["lead_rad"], turn)
         worst["step_m"] = max(worst["step_m"], float(np.linalg.norm(p - ref_p)))
         worst["step_rad"] = max(worst["step_rad"], quat_angle(ref_q, q))
         if axis0 is not None:

@@ -78,6 +78,7 @@ def test_all_stale_keeps_only_the_final_target():
     assert ex.plan[0].pose.p[0] == pytest.approx(0.508) and ex.plan[0].due == pytest.approx(100.7)
 
 
+@pytest.mark.fault
 def test_nonfinite_chunk_rejected_and_plan_kept():
     ex = make_executor()
     ex.accept(chunk(steps_x(4), obs_t=100.0), 100.0, HOME)
@@ -113,6 +114,7 @@ def test_rotation_step_limited():
     assert quat_angle(f.target.q, HOME.q) == pytest.approx(1.0 * PERIOD, abs=1e-9)
 
 
+@pytest.mark.fault
 def test_nonfinite_target_refused():
     layer = SafetyLayer(SafetyConfig(), PERIOD)
 
@@ -146,6 +148,7 @@ def test_gripper_commanded_once_per_change_through_the_executor():
     assert commands[1][0] == pytest.approx(0.20)  # the first tick of action 2's interval (t0 = -1 tick)
 
 
+@pytest.mark.fault
 def test_watchdog_faults_and_their_times():
     wd = Watchdog(WatchdogConfig(frame_timeout_s=0.2, action_timeout_s=1.0))
     ok = wd.check(10.0, 9.9, 0.0, None, None, None, None)
@@ -167,6 +170,8 @@ def test_watchdog_faults_and_their_times():
     ({"max_speed_m_s": 2.0}, "max_speed_m_s"),
     ({"dynamics_factor": 0.9}, "dynamics_factor"),
     ({"gripper_hysteresis": 1.5}, "gripper_hysteresis"),
+    ({"max_lead_rad": 0.0}, "max_lead_rad"),
+    ({"max_lead_rad": 4.0}, "max_lead_rad"),
 ])
 def test_safety_config_validation_names_field(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -189,6 +194,7 @@ def run_plan(ex, actions, current_of, ticks, t0=100.0):
     return out
 
 
+@pytest.mark.fault
 def test_command_never_leads_a_stuck_arm_by_more_than_the_bound():
     ex = make_executor(max_lead_m=0.04)
     # Eight actions of +3 cm each: 0.24 m in 0.8 s (the plan is within the 0.25 m/s step limit...
@@ -209,6 +215,7 @@ def test_command_follows_the_arm_once_it_moves_again():
     assert xs[-1] == pytest.approx(0.5 + 0.16)
 
 
+@pytest.mark.fault
 def test_previous_target_outside_the_box_walks_back_at_the_step_limit():
     layer = SafetyLayer(SafetyConfig(), PERIOD)
     outside = Pose((0.95, 0.0, 0.4), HOME.quaternion)  # 0.2 m beyond workspace_max x = 0.75
@@ -244,6 +251,7 @@ def test_orientation_stays_in_the_cone_around_the_start_tool_axis():
     assert quat_angle(previous.q, yaw.q) < 1e-6
 
 
+@pytest.mark.fault
 def test_measured_pose_outside_the_box_beyond_the_margin_is_a_fault():
     layer = SafetyLayer(SafetyConfig(box_margin_m=0.03), PERIOD)
     assert layer.check_measured(Pose((0.77, 0.0, 0.4), HOME.quaternion)) is None  # 2 cm out: overshoot
@@ -259,3 +267,37 @@ def test_lead_bound_never_drags_the_target_after_the_arm():
     # And a move that would increase the lead beyond both the bound and the present lead is held back.
     f = layer.filter(Pose((0.5, 0.0, 0.45), HOME.quaternion), HOME, pushed)
     assert np.linalg.norm(f.target.p - pushed.p) <= 0.10 + 1e-12 and "lead_clamp" in f.interventions
+
+
+def yaw_pose(angle):
+    """HOME turned by `angle` about its tool axis (inside any tilt cone)."""
+    return Pose(HOME.position, (np.cos(angle / 2), np.sin(angle / 2), 0.0, 0.0))
+
+
+@pytest.mark.fault
+def test_commanded_orientation_never_leads_a_stuck_wrist_by_more_than_the_bound():
+    layer = SafetyLayer(SafetyConfig(max_lead_rad=0.2), PERIOD)
+    goal, previous, leads = yaw_pose(1.2), HOME, []
+    for _ in range(200):  # 4 s of a 1.2 rad turn at 1 rad/s while the arm does not turn at all
+        f = layer.filter(goal, previous, HOME)
+        previous = f.target
+        leads.append(quat_angle(previous.q, HOME.q))
+    assert max(leads) <= 0.2 + 1e-6
+    assert max(leads) > 0.199  # it does turn up to the bound
+    assert layer.counts.get("turn_lead_clamp", 0) > 0
+    # Released, the wrist follows the command exactly: the turn resumes at the step limit, to the goal.
+    angles = []
+    for _ in range(100):
+        previous = layer.filter(goal, previous, previous).target
+        angles.append(quat_angle(previous.q, HOME.q))
+    assert np.all(np.diff(angles) <= layer.max_step_rad + 1e-6)
+    assert quat_angle(previous.q, goal.q) < 1e-6
+
+
+def test_orientation_lead_bound_never_drags_the_target_after_the_wrist():
+    layer = SafetyLayer(SafetyConfig(max_lead_rad=0.2), PERIOD)
+    turned = yaw_pose(0.5)  # the wrist was pushed 0.5 rad away from the command
+    f = layer.filter(HOME, HOME, turned)
+    assert quat_angle(f.target.q, HOME.q) < 1e-9  # holds; it does not follow the wrist
+    f = layer.filter(yaw_pose(-0.5), HOME, turned)  # turning further away from the wrist is held back
+    assert quat_angle(f.target.q, turned.q) <= 0.5 + 1e-6 and "turn_lead_clamp" in f.interventions

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from control_helpers import sim_available, wait_for, write_folder
+from control_helpers import STATE_TIMEOUT_S, sim_available, wait_for, write_folder
 
-pytestmark = pytest.mark.sim
+pytestmark = [pytest.mark.sim, pytest.mark.fault]  # the fault-injection suite (README, safety)
 
 
 def children(pid: int) -> set[int]:
@@ -66,7 +66,8 @@ def started_run(tmp_path):
     out = open(tmp_path / "out.txt", "w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "molmoact_edge", "run", "--camera", f"replay:{tmp_path / 'frames'}", "--robot", "sim",
-         "--instruction", "move", "--policy", "scripted", "--worker", "process", "--duration", "60", "--log", str(log)],
+         "--instruction", "move", "--policy", "scripted", "--worker", "process", "--duration", "60", "--log", str(log),
+         "--state-timeout", str(STATE_TIMEOUT_S)],
         stdout=out, stderr=subprocess.STDOUT, text=True,
     )
     kids: set[int] = set()

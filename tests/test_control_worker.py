@@ -44,6 +44,7 @@ def test_one_request_in_flight_and_chunk_stamped(mode):
         assert w.requests_sent == 1
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("mode", ["thread", "process"])
 def test_policy_exception_is_reported_with_its_message(mode):
     with InferenceWorker(PolicySpec(drill=FaultDrill("raise", at=0)), WorkerConfig(mode=mode)) as w:
@@ -53,6 +54,7 @@ def test_policy_exception_is_reported_with_its_message(mode):
         assert w.error_at is not None and not w.submit(obs(1, 2.0))
 
 
+@pytest.mark.fault
 def test_dead_worker_process_is_reported():
     with InferenceWorker(PolicySpec(), WorkerConfig(mode="process")) as w:
         os.kill(w._proc.pid, signal.SIGKILL)
@@ -61,6 +63,7 @@ def test_dead_worker_process_is_reported():
         assert w.news.is_set()
 
 
+@pytest.mark.fault
 def test_close_joins_a_hung_process_worker():
     w = InferenceWorker(PolicySpec(drill=FaultDrill("hang", at=0)), WorkerConfig(mode="process")).start()
     w.submit(obs(0, 1.0))

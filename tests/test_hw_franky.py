@@ -96,6 +96,7 @@ def test_live_franka_reads_state_and_holds():
         assert arm.stop()
 
 
+@pytest.mark.fault
 def test_stop_is_never_replaced_by_a_later_move(sim):  # noqa: F811
     """A target queued right after stop(wait_s=0) must not overwrite the queued stop: the stop
     reaches franky every time, and only then the new target."""
@@ -132,6 +133,7 @@ class _BlockingDestructor:
         time.sleep(3600)
 
 
+@pytest.mark.fault
 def test_close_is_bounded_when_the_link_is_lost_and_libfranka_blocks(sim):  # noqa: F811
     import os
     import signal

@@ -67,6 +67,7 @@ def test_model_in_the_loop_on_franky_sim_runs_its_whole_duration_within_limits(b
         assert end[-1]["interventions"].get("rotation_clamp", 0) > 0
 
 
+@pytest.mark.fault
 @pytest.mark.sim
 def test_franky_sim_holds_the_arm_after_a_stop(sim):  # noqa: F811
     """franky-sim holds the last desired joint configuration (PD plus gravity compensation) when no
@@ -135,6 +136,7 @@ def test_driver_names_a_controller_clock_that_lags_real_time():
     assert "error code -111 [the controller clock ran at 0.30x real time" in arm._error
 
 
+@pytest.mark.fault
 def test_driver_stops_a_runaway_commanded_twist():
     """franky-sim has no velocity reflex: a command far beyond franky's planner limits (seen at 20 rad/s
     when franky extrapolated missed cycles) is refused by the driver, as a Franka's reflex would."""

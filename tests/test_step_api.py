@@ -27,8 +27,8 @@ KEY = "fractal20220817_data"
 
 
 @pytest.fixture(scope="module")
-def bundle(checkpoint_a, tmp_path_factory):
-    return export_bundle(checkpoint_a, tmp_path_factory.mktemp("b") / "bundle", progress=lambda s: None)
+def bundle(bundle_a):
+    return bundle_a  # the session's shared export (read only here; MOLMOACT_TEST_BUNDLES where given)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,7 @@ def test_generate_without_unnorm_key_on_a_checkpoint_with_several(two_key_checkp
     assert keyed["actions_error"] is None and len(keyed["actions"]) >= 1 and keyed["unnorm_key"] == "bridge_orig"
 
 
+@pytest.mark.fault
 def test_nan_model_ends_the_step_with_an_error(nan_bundle, fixture_a):
     with open_bundle(nan_bundle) as pipe, pytest.raises(NonFiniteError, match="NaN"):
         pipe.act(GoldenCase(fixture_a, "single_256").images(), "close the box")
@@ -134,6 +135,7 @@ def test_nan_model_ends_the_step_with_an_error(nan_bundle, fixture_a):
         assert len(lines) == 1 and lines[0].startswith("error:") and "NaN" in lines[0], proc.stderr
 
 
+@pytest.mark.fault
 @pytest.mark.sim
 def test_nan_model_never_moves_the_arm(sim, nan_bundle, tmp_path):  # noqa: F811
     from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
@@ -149,7 +151,9 @@ def test_nan_model_never_moves_the_arm(sim, nan_bundle, tmp_path):  # noqa: F811
     safety = SafetyConfig(dynamics_factor=0.2)
     log_path = tmp_path / "run.jsonl"
     spec = PolicySpec(kind="molmoact", options={"bundle": str(nan_bundle), "max_actions": 2})
-    cfg = LoopConfig(instruction="close the box", rate_hz=rate, safety=safety, worker=WorkerConfig(mode="process"),
+    # A niced worker loading the bundle took over 60 s at load 20: its start-up is not this test's subject.
+    cfg = LoopConfig(instruction="close the box", rate_hz=rate, safety=safety,
+                     worker=WorkerConfig(mode="process", start_timeout_s=300.0),
                      log_path=str(log_path), max_duration_s=8.0, status_interval_s=1e9)
     with open_replay(ReplayConfig(str(tmp_path / "frames"), loop=True)) as cam, \
             FrankyArm(FrankyConfig(sim.host, dynamics_factor=safety.dynamics_factor,

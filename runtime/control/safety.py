@@ -11,6 +11,8 @@ command, `current` the MEASURED pose):
   the arm itself moved away): a stuck or lagging arm holds the command back instead of letting it
   run ahead (a released arm would otherwise leap to the far target); the bound only ever holds a
   target back, it never drags it after the arm;
+- within `max_lead_rad` of the measured orientation, in the same way (a stuck wrist cannot wind up
+  a large turn that a released arm would then make at once);
 - its tool axis (the gripper's z axis) within `max_tilt_rad` of the tool axis at the start pose
   (rotation about the tool axis is free), so no policy can turn the gripper up or sideways.
 `check_measured` watches the arm itself: the measured position leaving the box by more than
@@ -52,6 +54,10 @@ class SafetyConfig:
     # stream at dynamics 0.2 leads the arm by up to 3.3 cm, so 5 cm never holds back normal motion
     # while a stuck arm cannot build up more than 5 cm of spring (README, safety).
     max_lead_m: float = 0.05
+    # The commanded orientation may lead the measured one by this angle. Derived, not measured: the
+    # ~0.33 s of lag behind the position stream (3.3 cm at 0.1 m/s), at the default 1 rad/s rotation
+    # limit, is 0.33 rad; 20 degrees (0.349 rad) allows that, and a stuck wrist cannot wind up more.
+    max_lead_rad: float = 0.3491  # 20 degrees
     # Cone around the tool axis at the start pose: tabletop grasps tilt the gripper, they never
     # need it turned sideways or up.
     max_tilt_rad: float = 0.7854  # 45 degrees
@@ -75,6 +81,8 @@ class SafetyConfig:
             raise ValueError(f"SafetyConfig.dynamics_factor must be in (0, max_dynamics_factor={self.max_dynamics_factor}], got {self.dynamics_factor}")
         if not (0.005 <= self.max_lead_m <= 0.5):
             raise ValueError(f"SafetyConfig.max_lead_m must be in [0.005, 0.5] m, got {self.max_lead_m}")
+        if not (0.01 <= self.max_lead_rad <= np.pi):
+            raise ValueError(f"SafetyConfig.max_lead_rad must be in [0.01, pi] rad, got {self.max_lead_rad}")
         if not (0.0 < self.max_tilt_rad <= np.pi):
             raise ValueError(f"SafetyConfig.max_tilt_rad must be in (0, pi] rad, got {self.max_tilt_rad}")
         if not (0.0 <= self.box_margin_m <= 0.5):
@@ -169,6 +177,24 @@ class SafetyLayer:
         alpha = (-b + np.sqrt(max(b * b - a * k, 0.0))) / a
         return step * min(1.0, max(0.0, alpha))
 
+    def _hold_turn(self, prev: np.ndarray, q: np.ndarray, arm: np.ndarray, out: Filtered) -> np.ndarray:
+        """`q` moved back along its way from `prev` until it is within max_lead_rad of the measured
+        orientation `arm` (or no farther than `prev` was). Like `_hold_lead`, it only ever holds back."""
+        radius = max(self.config.max_lead_rad, quat_angle(prev, arm))
+        if quat_angle(q, arm) <= radius:
+            return q
+        self._count(out, "turn_lead_clamp")
+        # The angle to `arm` along the short arc from prev (inside the radius) to q (outside) crosses
+        # the radius once before q; bisect for that crossing, keeping the inside end.
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            mid = 0.5 * (lo + hi)
+            if quat_angle(quat_slerp(prev, q, mid), arm) <= radius:
+                lo = mid
+            else:
+                hi = mid
+        return quat_slerp(prev, q, lo)
+
     def filter(self, desired: Pose, previous: Pose, current: Pose | None = None) -> Filtered:
         """The target to command this step, given the desired one, the previous command and the
         measured pose (`current`; None only in tests of the step limits alone)."""
@@ -198,6 +224,8 @@ class SafetyLayer:
         if angle > self.max_step_rad:
             q = quat_slerp(previous.q, q, self.max_step_rad / angle)
             self._count(out, "rotation_clamp")
+        if current is not None:
+            q = self._hold_turn(np.asarray(previous.q, float), q, np.asarray(current.q, float), out)
         out.target = Pose(tuple(p), tuple(q))
         return out
 
