@@ -22,8 +22,8 @@ from molmoact_edge.export.tiny import TinySize, write_checkpoint
 from molmoact_edge.export.torch_backend import TorchBackend
 from molmoact_edge.quantization.fake_quant import fake_quant_weight, simulated_model
 from molmoact_edge.quantization.onnx_passes import pack_int8_per_channel
-from molmoact_edge.quantization.quantize import bundle_bytes, quantize_bundle
-from molmoact_edge.quantization.recipes import Fp8Recipe, recipe_for
+from molmoact_edge.quantization.quantize import bundle_bytes, quantize_bundle, recipe_from_bundle
+from molmoact_edge.quantization.recipes import recipe_for
 from molmoact_edge.runtime.engine.bundle import load_manifest
 from molmoact_edge.runtime.engine.config import ModelConfig
 from molmoact_edge.runtime.engine.ort_backend import OrtBackend
@@ -95,10 +95,7 @@ class Models:
     def recipe(self, scheme):
         """The recipe as the bundle recorded it (calibrated parameters included): not the graph."""
         r = test_recipe(scheme)
-        if isinstance(r, Fp8Recipe):
-            q = json.loads((self.bundle(scheme) / "manifest.json").read_text())["quantization"]
-            r = dataclasses.replace(r, act_amax=tuple(sorted(q["act_amax"].items())))
-        return r
+        return recipe_from_bundle(self.bundle(scheme)) if r.uses_calibration else r
 
     def logits(self, source, case):
         key = (source, case.name)
@@ -127,7 +124,8 @@ def models_other(tmp_path_factory):
     return Models(write_checkpoint(root / "checkpoint", OTHER, seed=7), root)
 
 
-@pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn", "fp8", "int8-wo@tensorrt", "int4-rtn@tensorrt"])
+@pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn", "fp8", "int8-wo@tensorrt", "int4-rtn@tensorrt", "w8a8-sq",
+                                    "w8a8-sq@tensorrt", "int4-awq", "int4-awq@tensorrt"])
 def test_artifact_implements_its_recipe(models_a, fixture_a, scheme):
     for name in CASES:
         case = GoldenCase(fixture_a, name)
@@ -138,7 +136,7 @@ def test_artifact_implements_its_recipe(models_a, fixture_a, scheme):
         assert np.abs(art - sim).max() <= 0.1 * effect, (name, np.abs(art - sim).max(), effect)
 
 
-@pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn", "fp8"])
+@pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn", "fp8", "w8a8-sq", "int4-awq"])
 def test_other_widths_artifact_implements_its_recipe(models_other, fixture_a, scheme):
     """Fixture A's prompts and images (model-independent) through a checkpoint of other sizes."""
     case = GoldenCase(fixture_a, "single_256")
