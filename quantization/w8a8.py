@@ -64,7 +64,9 @@ def quantize_static_ort(model: onnx.ModelProto, layers: dict[str, str], reader: 
     nodes = sorted(n for n, layer in layers.items() if layer != "lm_head")
     work.mkdir(parents=True, exist_ok=True)
     src, dst = work / "smoothed.onnx", work / "w8a8.onnx"
-    big = model.ByteSize() > 1 << 30
+    from molmoact_edge.quantization.onnx_passes import initializer_bytes
+
+    big = sum(initializer_bytes(model).values()) > 1 << 30  # protobuf cannot serialise 2 GiB: weights in a side file
     onnx.save(model, str(src), save_as_external_data=big, location=src.name + ".data" if big else None)
     log = logging.getLogger()
     level = log.level
