@@ -142,6 +142,7 @@ def test_artifact_implements_its_recipe(models_a, fixture_a, scheme):
         assert art.shape == sim.shape == (POSITIONS, 152064)
         effect = np.abs(sim - ref).max()
         assert effect > 1e-3, "the recipe changed nothing: the simulation is not quantising"
+        print(f"{scheme} {name}: |artifact - simulation| = {np.abs(art - sim).max() / effect:.2g} x the effect")
         assert np.abs(art - sim).max() <= 0.1 * effect, (name, np.abs(art - sim).max(), effect)
 
 
@@ -151,6 +152,7 @@ def test_other_widths_artifact_implements_its_recipe(models_other, fixture_a, sc
     case = GoldenCase(fixture_a, "single_256")
     art, sim, ref = (models_other.logits(s, case) for s in (scheme, f"sim:{scheme}", "fp32"))
     effect = np.abs(sim - ref).max()
+    print(f"other widths {scheme}: |artifact - simulation| = {np.abs(art - sim).max() / effect:.2g} x the effect")
     assert effect > 1e-3 and np.abs(art - sim).max() <= 0.1 * effect
 
 
