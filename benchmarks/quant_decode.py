@@ -62,9 +62,10 @@ class Runner:
         from molmoact_edge.runtime.engine.config import ModelConfig
         from molmoact_edge.runtime.engine.ort_backend import OrtBackend
 
-        self.manifest = load_manifest(bundle)
+        self.bundle = load_manifest(bundle)
+        self.manifest = self.bundle.manifest
         self.cfg = ModelConfig.load(bundle)
-        self.backend = OrtBackend(self.manifest, self.cfg, threads=threads)
+        self.backend = OrtBackend(self.bundle, self.cfg, threads=threads)
         self.past = past
         self.backend.reset(past + 2)
         rng = np.random.default_rng(0)
@@ -123,8 +124,7 @@ def run(size: str = "bench", past: int = 512, rounds: int = 30, threads: int = 2
     p7 = params_7b()
     rows = {}
     for s, r in runners.items():
-        m = r.manifest.raw
-        q = m.get("quantization")
+        q = r.manifest.quantization
         b = q["bytes"] if q else {k: fp32_bytes[k] for k in ("transformer_layers", "lm_head")}
         llm = r.cfg.llm
         kv_bytes = past * llm.num_hidden_layers * 2 * llm.num_key_value_heads * llm.head_dim * r.backend.kv.itemsize

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -229,8 +230,14 @@ def smoothed_llm(checkpoint: Path, recipe, opset: int, work: Path) -> tuple[onnx
     model = fold_scales(load_model(checkpoint, torch.float32), recipe.smooth)
     path = work / "smoothed" / "llm.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
-        export_llm(model, path, torch.float32, opset)
+    ir_log = logging.getLogger("onnx_ir")  # one INFO line per deduplicated constant, when a caller logs INFO
+    level = ir_log.level
+    ir_log.setLevel(logging.WARNING)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
+            export_llm(model, path, torch.float32, opset)
+    finally:
+        ir_log.setLevel(level)
     llm = onnx.load(str(path))
     return llm, onnx_passes.name_linear_weights(llm, model, gemm_to_matmul=isinstance(recipe, AwqRecipe))
 
