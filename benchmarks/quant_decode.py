@@ -50,7 +50,7 @@ def _lm_head_graph(llm_path: Path, hidden: int):
                            **{a.name: helper.get_attribute_value(a) for a in node.attribute})
     x_type = m.graph.input[0].type.tensor_type.elem_type  # fp16 bundles take fp16 activations
     g = helper.make_graph([new], "lm_head", [helper.make_tensor_value_info("x", x_type, [1, hidden])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+                          [helper.make_tensor_value_info("y", x_type, None)], inits)
     return helper.make_model(g, opset_imports=list(m.opset_import), ir_version=m.ir_version)
 
 
