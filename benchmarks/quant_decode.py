@@ -1,5 +1,6 @@
-"""Decode cost of quantised bundles: ms/token and bytes/token of fp32, int8-wo and int4-rtn on
-onnxruntime CPU, interleaved in one run, per component, and projected to the 7B shape on an AGX Orin.
+"""Decode cost of quantised bundles: ms/token and bytes/token of fp32 and every quantisation scheme on
+onnxruntime CPU, interleaved in one run, per component, and projected to the 7B shape on an AGX Orin;
+with ``--agreement FIXTURE``, each scheme's greedy ids against the fp32 bundle's on the fixture's cases.
 
 What is timed (each bundle in turn, round-robin, so that machine load hits all of them alike):
 - ``decode``: the whole LLM graph for one token at a fixed past length (the runtime's step);
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-SCHEMES = ("fp32", "int8-wo", "int4-rtn")
+SCHEMES = ("fp32", "fp16", "int8-wo", "int4-rtn", "fp8", "w8a8-sq", "int4-awq")
 ORIN_GBPS = 204.8
 Q7B = {"hidden": 3584, "layers": 28, "mlp": 18944, "kv_heads": 4, "head_dim": 128, "vocab": 152064}
 
@@ -47,8 +48,9 @@ def _lm_head_graph(llm_path: Path, hidden: int):
     inits = [t for t in m.graph.initializer if t.name in set(node.input[1:])]
     new = helper.make_node(node.op_type, ["x", *node.input[1:]], ["y"], domain=node.domain,
                            **{a.name: helper.get_attribute_value(a) for a in node.attribute})
-    g = helper.make_graph([new], "lm_head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, hidden])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    x_type = m.graph.input[0].type.tensor_type.elem_type  # fp16 bundles take fp16 activations
+    g = helper.make_graph([new], "lm_head", [helper.make_tensor_value_info("x", x_type, [1, hidden])],
+                          [helper.make_tensor_value_info("y", x_type, None)], inits)
     return helper.make_model(g, opset_imports=list(m.opset_import), ir_version=m.ir_version)
 
 
@@ -60,9 +62,10 @@ class Runner:
         from molmoact_edge.runtime.engine.config import ModelConfig
         from molmoact_edge.runtime.engine.ort_backend import OrtBackend
 
-        self.manifest = load_manifest(bundle)
+        self.bundle = load_manifest(bundle)
+        self.manifest = self.bundle.manifest
         self.cfg = ModelConfig.load(bundle)
-        self.backend = OrtBackend(self.manifest, self.cfg, threads=threads)
+        self.backend = OrtBackend(self.bundle, self.cfg, threads=threads)
         self.past = past
         self.backend.reset(past + 2)
         rng = np.random.default_rng(0)
@@ -72,7 +75,7 @@ class Runner:
         h = self.cfg.llm.hidden_size
         self.head = ort.InferenceSession(_lm_head_graph(bundle / self.manifest.graphs["llm"].file, h).SerializeToString(),
                                          opts, providers=["CPUExecutionProvider"])
-        self.x = rng.standard_normal((1, h)).astype(np.float32)
+        self.x = rng.standard_normal((1, h)).astype(np.float16 if self.manifest.dtype == "fp16" else np.float32)
         self.times = {"decode": [], "lm_head": []}
 
     def once(self) -> None:
@@ -121,11 +124,10 @@ def run(size: str = "bench", past: int = 512, rounds: int = 30, threads: int = 2
     p7 = params_7b()
     rows = {}
     for s, r in runners.items():
-        m = r.manifest.raw
-        q = m.get("quantization")
+        q = r.manifest.quantization
         b = q["bytes"] if q else {k: fp32_bytes[k] for k in ("transformer_layers", "lm_head")}
         llm = r.cfg.llm
-        kv_bytes = past * llm.num_hidden_layers * 2 * llm.num_key_value_heads * llm.head_dim * 4
+        kv_bytes = past * llm.num_hidden_layers * 2 * llm.num_key_value_heads * llm.head_dim * r.backend.kv.itemsize
         dec, head = float(np.median(r.times["decode"])), float(np.median(r.times["lm_head"]))
         per_param = {k: b[k] / (fp32_bytes[k] / 4) for k in ("transformer_layers", "lm_head")}
         proj = {k: per_param[k] * p7[k] for k in p7}
@@ -159,6 +161,60 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _greedy(backend, case, n: int) -> list[int]:
+    ids = case["input_ids"][0]
+    backend.reset(len(ids) + n + 1)
+    logits = backend.forward(ids, 0, backend.vision(case["images"][0], case["pooled_patches_idx"][0]))
+    out = []
+    for i in range(n):
+        out.append(int(logits[-1].argmax()))
+        logits = backend.forward(np.array([out[-1]]), len(ids) + i)
+    return out
+
+
+def agreement(fixture: Path, work: Path, tokens: int = 24, say=print) -> dict:
+    """Per scheme and fixture case: how many of the first ``tokens`` greedy ids (plain greedy, onnxruntime)
+    equal the fp32 bundle's, and the index of the first that differs (``tokens`` if none)."""
+    from molmoact_edge.export.onnx_export import export_bundle
+    from molmoact_edge.quantization.quantize import quantize_bundle
+    from molmoact_edge.quantization.recipes import recipe_for
+    from molmoact_edge.runtime.engine.bundle import load_manifest
+    from molmoact_edge.runtime.engine.config import ModelConfig
+    from molmoact_edge.runtime.engine.ort_backend import OrtBackend
+
+    ckpt = fixture / "checkpoint"
+    cfg = ModelConfig.load(ckpt)
+    cases = {p.stem: np.load(p) for p in sorted((fixture / "cases").glob("*.npz"))}
+    base = work / "agree-fp32"
+    if not (base / "manifest.json").exists():
+        export_bundle(ckpt, base, progress=lambda s: None)
+    ids = {}
+    for s in SCHEMES:
+        b = base if s == "fp32" else work / f"agree-{s}"
+        if not (b / "manifest.json").exists():
+            say(f"quantising {fixture.name} as {s}")
+            quantize_bundle(ckpt, b, recipe_for(s), base_bundle=base, progress=lambda x: None)
+        backend = OrtBackend(load_manifest(b), cfg)
+        ids[s] = {name: _greedy(backend, c, tokens) for name, c in cases.items()}
+        backend.close()
+    out = {}
+    for s in SCHEMES[1:]:
+        out[s] = {name: {"same": sum(a == b for a, b in zip(ids[s][name], ids["fp32"][name])),
+                         "first_difference": next((i for i, (a, b) in enumerate(zip(ids[s][name], ids["fp32"][name]))
+                                                   if a != b), tokens)} for name in cases}
+    return {"fixture": fixture.name, "tokens": tokens, "schemes": out}
+
+
+def agreement_table(res: dict) -> str:
+    cases = list(next(iter(res["schemes"].values())))
+    lines = [f"| scheme | {' | '.join(cases)} | cases identical |", "|---" * (len(cases) + 2) + "|"]
+    for s, per in res["schemes"].items():
+        cells = [f"{v['same']}/{res['tokens']} (first diff {v['first_difference']})" for v in per.values()]
+        whole = sum(v["first_difference"] == res["tokens"] for v in per.values())
+        lines.append(f"| {s} | {' | '.join(cells)} | {whole}/{len(per)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -169,9 +225,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=None, help="folder for the checkpoint and bundles (reused if present)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--agreement", type=Path, default=None, metavar="FIXTURE",
+                   help="also compare each scheme's first 24 greedy ids with fp32's on this fixture's cases")
     a = p.parse_args(argv)
     res = run(a.size, a.past, a.rounds, a.threads, a.work)
     print(table(res))
+    if a.agreement:
+        res["agreement"] = agreement(a.agreement, Path(a.work or tempfile.mkdtemp(prefix="quant_agree.")))
+        print(agreement_table(res["agreement"]))
     if a.out:
         a.out.write_text(json.dumps(res, indent=2))
     return 0

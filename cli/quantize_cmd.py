@@ -14,11 +14,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="Hugging Face MolmoAct checkpoint folder")
     p.add_argument("--scheme", required=True, choices=SCHEMES,
                    help="fp16 | int8-wo (INT8 weights per output channel) | int4-rtn (INT4 blockwise) | "
-                        "fp8 (E4M3 weights per channel, static per-tensor activations; Q/DQ graph); "
-                        "w8a8-sq and int4-awq are planned")
+                        "fp8 (E4M3 weights per channel, static per-tensor activations; Q/DQ graph) | "
+                        "w8a8-sq (SmoothQuant alpha 0.5, INT8 weights per channel, static INT8 activations) | "
+                        "int4-awq (INT4 blockwise with AWQ scales searched on the calibration set)")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to create")
     p.add_argument("--target", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
-                   help="graph form: onnxruntime kernels (MatMulNBits) or TensorRT Q/DQ (planned)")
+                   help="graph form: onnxruntime kernels (MatMulNBits, its integer MatMul) or TensorRT explicit Q/DQ")
     p.add_argument("--calib", type=Path, default=None,
                    help="calibration set folder (default: the shipped set; data-free schemes only record it)")
     p.add_argument("--group-size", type=int, default=None,

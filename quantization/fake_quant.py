@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from molmoact_edge.export.checkpoint import load_model
 from molmoact_edge.export.model import MolmoAct
-from molmoact_edge.quantization.recipes import Fp8Recipe, FloatRecipe, WeightOnlyRecipe
+from molmoact_edge.quantization.recipes import AwqRecipe, Fp8Recipe, FloatRecipe, SmoothQuantRecipe, WeightOnlyRecipe
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -79,6 +79,45 @@ def apply_fp8(model: MolmoAct, recipe: Fp8Recipe) -> MolmoAct:
     return model
 
 
+def int8_channel_scales(w: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> one symmetric INT8 scale per output channel, onnxruntime's quantiser's rule:
+    (2 absmax) / 254 computed in float64, stored as float32 (1 where a channel is all zero)."""
+    amax = w.float().abs().amax(dim=1).double()
+    scale = (2 * amax / 254).float()
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def fake_int8_weight(w: torch.Tensor) -> torch.Tensor:
+    """Codes round(w / scale) (float32 division, ties to even), clipped to [-127, 127]."""
+    scale = int8_channel_scales(w)[:, None]
+    return torch.clamp(torch.round(w.float() / scale), -127, 127) * scale
+
+
+def fake_quant_activation(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """QuantizeLinear then DequantizeLinear as onnxruntime runs them: q = clip(round(x / scale) + zp)
+    (ties to even), back as (q - zp) * scale, in float32."""
+    sc = torch.tensor(scale, dtype=torch.float32)
+    q = torch.clamp(torch.round(x.float() / sc) + zero_point, qmin, qmax)
+    return ((q - zero_point) * sc).to(x.dtype)
+
+
+@torch.no_grad()
+def apply_smoothquant(model: MolmoAct, recipe: SmoothQuantRecipe) -> MolmoAct:
+    """Fold the recipe's smoothing scales, then fake-quantise each transformer-layer linear's weight
+    (INT8 per channel) and its input (static per tensor, the recipe's own scale and zero point)."""
+    from molmoact_edge.quantization.smoothing import fold_scales
+
+    fold_scales(model, recipe.smooth)
+    for name, lin in llm_linears(model).items():
+        if name == "lm_head":
+            continue
+        lin.weight.copy_(fake_int8_weight(lin.weight))
+        scale, zp, qmin, qmax = recipe.act_quant[name]
+        lin.register_forward_pre_hook(
+            lambda _m, args, q=(scale, int(zp), int(qmin), int(qmax)): (fake_quant_activation(args[0], *q), *args[1:]))
+    return model
+
+
 def simulated_model(checkpoint: str | Path, recipe) -> MolmoAct:
     """The reference model as the recipe defines it (fp16: the model in fp16)."""
     if isinstance(recipe, FloatRecipe):
@@ -87,4 +126,10 @@ def simulated_model(checkpoint: str | Path, recipe) -> MolmoAct:
         return apply_recipe(load_model(checkpoint, torch.float32), recipe)
     if isinstance(recipe, Fp8Recipe):
         return apply_fp8(load_model(checkpoint, torch.float32), recipe)
+    if isinstance(recipe, SmoothQuantRecipe):
+        return apply_smoothquant(load_model(checkpoint, torch.float32), recipe)
+    if isinstance(recipe, AwqRecipe):
+        from molmoact_edge.quantization.smoothing import fold_scales
+
+        return apply_recipe(fold_scales(load_model(checkpoint, torch.float32), recipe.smooth), recipe.weights)
     raise TypeError(f"no simulation for recipe {type(recipe).__name__}")

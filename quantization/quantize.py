@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from molmoact_edge.export.checkpoint import load_model
 from molmoact_edge.export.onnx_export import EXTERNAL_DATA_BYTES, Progress, export_bundle
 from molmoact_edge.quantization import onnx_passes
 from molmoact_edge.quantization.calibration import load_calibration_set
-from molmoact_edge.quantization.recipes import Fp8Recipe, FloatRecipe, WeightOnlyRecipe
+from molmoact_edge.quantization.recipes import AwqRecipe, Fp8Recipe, FloatRecipe, SmoothQuantRecipe, WeightOnlyRecipe, recipe_for
 from molmoact_edge.runtime.engine.bundle import MANIFEST, sha256_file
 from molmoact_edge.runtime.engine.manifest import Manifest
 
@@ -66,7 +67,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def write_quantized_bundle(src: Path, out: Path, graphs: dict[str, onnx.ModelProto], quantization: dict,
-                           force: bool = False) -> Path:
+                           force: bool = False, extra_files: dict[str, bytes] | None = None) -> Path:
     """Copy the bundle ``src`` to ``out`` with ``graphs`` (name -> model) replacing its graph files and
     ``quantization`` added to the manifest; every file hash is recomputed. Atomic like the export."""
     if out.exists() and any(out.iterdir()) and not force:
@@ -75,6 +76,8 @@ def write_quantized_bundle(src: Path, out: Path, graphs: dict[str, onnx.ModelPro
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         manifest = Manifest.from_json(json.loads((tmp / MANIFEST).read_text()))
         for name, model in graphs.items():
             f = tmp / manifest.graphs[name].file
@@ -127,7 +130,8 @@ def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str 
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
     say = progress or Progress(0).out
-    step = Progress(5 if recipe.uses_calibration else 4, say)
+    smooths = isinstance(recipe, (SmoothQuantRecipe, AwqRecipe))
+    step = Progress(6 if smooths else 5 if recipe.uses_calibration else 4, say)
     calib_info, cs = None, None
     if recipe.uses_calibration or calib is not None:
         cs = load_calibration_set(calib)
@@ -148,13 +152,37 @@ def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str 
         ref = load_model(checkpoint, torch.float32)
         manifest = json.loads((src / MANIFEST).read_text())
         llm = onnx.load(str(src / manifest["graphs"]["llm"]["file"]))
-        layers = onnx_passes.name_linear_weights(llm, ref, gemm_to_matmul=isinstance(recipe, WeightOnlyRecipe))
-        if recipe.uses_calibration:
+        layers = onnx_passes.name_linear_weights(llm, ref, gemm_to_matmul=isinstance(recipe, (WeightOnlyRecipe, AwqRecipe)))
+        if isinstance(recipe, Fp8Recipe):
             step(f"calibrating on {cs.path} ({recipe.max_samples or len(cs.split('calibration'))} samples)")
             recipe = calibrated(recipe, ref, checkpoint, cs, lambda s: say("  " + s))
             calib_info["samples"] = len(cs.split("calibration")[:recipe.max_samples])
+        extra, smoothing = {}, None
+        if isinstance(recipe, (SmoothQuantRecipe, AwqRecipe)):
+            step(f"calibrating on {cs.path} and {'searching AWQ scales' if isinstance(recipe, AwqRecipe) else 'smoothing'}")
+            recipe, inputs, act_amax = smoothing_calibrated(recipe, ref, checkpoint, cs, lambda s: say("  " + s))
+            calib_info["samples"] = inputs.samples
+            step("exporting the LLM graph of the smoothed model")
+            llm, layers = smoothed_llm(checkpoint, recipe, manifest["opset"], work)
+            extra, smoothing = _scales_file(recipe.smooth)
         step(f"applying {recipe.scheme} to {len(layers)} linear layers")
-        if isinstance(recipe, WeightOnlyRecipe) and recipe.target == "tensorrt":
+        if isinstance(recipe, SmoothQuantRecipe):
+            if recipe.target == "onnxruntime":
+                from molmoact_edge.quantization.w8a8 import PrefillReader, quantize_static_ort
+
+                c = ref.config.llm
+                reader = PrefillReader(llm, inputs.embeds, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+                llm, act_quant = quantize_static_ort(llm, layers, reader, work / "ort")
+            else:
+                from molmoact_edge.quantization.w8a8 import quantize_w8a8_qdq, tensorrt_act_quant
+
+                llm, act_quant = quantize_w8a8_qdq(llm, layers, act_amax), tensorrt_act_quant(act_amax)
+            recipe = dataclasses.replace(recipe, act_quant=act_quant)
+        elif isinstance(recipe, AwqRecipe) and recipe.target == "tensorrt":
+            llm = onnx_passes.quantize_weight_only_qdq(llm, layers, recipe.weights)
+        elif isinstance(recipe, AwqRecipe):
+            llm = onnx_passes.quantize_llm_graph(llm, layers, recipe.weights)
+        elif isinstance(recipe, WeightOnlyRecipe) and recipe.target == "tensorrt":
             llm = onnx_passes.quantize_weight_only_qdq(llm, layers, recipe)
         elif isinstance(recipe, WeightOnlyRecipe):
             llm = onnx_passes.quantize_llm_graph(llm, layers, recipe)
@@ -164,7 +192,81 @@ def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str 
         quantization = {**recipe.describe(), "calibration": calib_info, "tools": _tool_versions(),
                         "linear_layers": sorted(layers.values()),
                         "fp32_bytes": reference_bytes(ref), "bytes": bundle_bytes(src, llm)}
-        write_quantized_bundle(src, out, {"llm": llm}, quantization, force=force)
+        if smoothing is not None:
+            quantization["smoothing"] = smoothing
+        write_quantized_bundle(src, out, {"llm": llm}, quantization, force=force, extra_files=extra)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+SCALES_FILE = "quant_scales.npz"
+
+
+def smoothing_calibrated(recipe, reference, checkpoint: Path, cs, progress):
+    """SmoothQuant / AWQ recipe with its scales filled in; also the calibration inputs and, for the
+    TensorRT form, each smoothed input's max |x| (max_j amax_j / s_j: the fold divides channel j by s_j)."""
+    from molmoact_edge.quantization.calibrate import collect_layer_inputs
+    from molmoact_edge.quantization.smoothing import awq_search, smoothquant_scales
+
+    rows = recipe.max_rows if isinstance(recipe, AwqRecipe) else 1
+    inputs = collect_layer_inputs(reference, checkpoint, cs, recipe.max_samples, max_rows=rows, progress=progress)
+    if isinstance(recipe, SmoothQuantRecipe):
+        recipe = dataclasses.replace(recipe, smooth=smoothquant_scales(reference, inputs.channel_amax, recipe.alpha))
+    else:
+        w = recipe.weights
+        scales, alphas = awq_search(reference, inputs.channel_mean, inputs.rows, w.bits, w.group_for, recipe.grid,
+                                    progress=progress)
+        recipe = dataclasses.replace(recipe, smooth=scales, alphas=alphas)
+    act_amax = {k: float((inputs.channel_amax[k] / recipe.smooth[k]).max()) for k in recipe.smooth}
+    return recipe, inputs, act_amax
+
+
+def smoothed_llm(checkpoint: Path, recipe, opset: int, work: Path) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The LLM graph exported from the reference with the recipe's scales folded in, its linears named."""
+    from molmoact_edge.export.onnx_export import _quiet_exporter, export_llm
+    from molmoact_edge.quantization.smoothing import fold_scales
+
+    model = fold_scales(load_model(checkpoint, torch.float32), recipe.smooth)
+    path = work / "smoothed" / "llm.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ir_log = logging.getLogger("onnx_ir")  # one INFO line per deduplicated constant, when a caller logs INFO
+    level = ir_log.level
+    ir_log.setLevel(logging.WARNING)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
+            export_llm(model, path, torch.float32, opset)
+    finally:
+        ir_log.setLevel(level)
+    llm = onnx.load(str(path))
+    return llm, onnx_passes.name_linear_weights(llm, model, gemm_to_matmul=isinstance(recipe, AwqRecipe))
+
+
+def _scales_file(scales: dict[str, np.ndarray]) -> tuple[dict[str, bytes], dict]:
+    import io
+
+    from molmoact_edge.quantization.smoothing import FOLDED_INTO, summarise
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: v.astype(np.float32) for k, v in scales.items()})
+    return {SCALES_FILE: buf.getvalue()}, {"file": SCALES_FILE, "folded_into": FOLDED_INTO,
+                                           "smoothed_linears": sorted(scales), "scales": summarise(scales)}
+
+
+def recipe_from_bundle(bundle: str | Path):
+    """The calibrated recipe a quantised bundle records (scheme, target, group, alpha, scales, activation
+    parameters): what the simulation of that bundle runs."""
+    bundle = Path(bundle)
+    q = json.loads((bundle / MANIFEST).read_text())["quantization"]
+    group = q.get("group_size") if q["scheme"] in ("int4-rtn", "int4-awq") else None
+    r = recipe_for(q["scheme"], q["target"], group)
+    if isinstance(r, Fp8Recipe):
+        return dataclasses.replace(r, act_amax=tuple(sorted(q["act_amax"].items())))
+    if isinstance(r, (SmoothQuantRecipe, AwqRecipe)):
+        with np.load(bundle / q["smoothing"]["file"]) as z:
+            smooth = {k: z[k] for k in z.files}
+        if isinstance(r, SmoothQuantRecipe):
+            return dataclasses.replace(r, alpha=q["alpha"], smooth=smooth,
+                                       act_quant={k: tuple(v) for k, v in q["act_quant"].items()})
+        return dataclasses.replace(r, smooth=smooth, alphas=q["alphas"])
+    return r

@@ -22,14 +22,17 @@ def other_checkpoint(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("other") / "checkpoint", OTHER, seed=11)
 
 
-@pytest.mark.parametrize("scheme", ["int4-rtn", "fp16"])
+@pytest.mark.parametrize("scheme", ["int4-rtn", "fp16", "w8a8-sq", "int4-awq"])
 def test_quantize_then_generate(other_checkpoint, fixture_a, tmp_path, scheme):
     out = tmp_path / scheme
     proc = subprocess.run([*CLI, "quantize", "--checkpoint", str(other_checkpoint), "--scheme", scheme,
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
-    assert "[4/4] writing" in proc.stderr  # progress lines
+    steps = {"w8a8-sq": 6, "int4-awq": 6}.get(scheme, 4)
+    assert f"[{steps}/{steps}] writing" in proc.stderr  # progress lines
+    if scheme == "int4-awq":
+        assert "AWQ 1/" in proc.stderr and "x RTN's" in proc.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert m["quantization"]["scheme"] == scheme
     assert m["model"]["layers"] == OTHER.llm_layers and m["model"]["hidden_size"] == OTHER.llm_hidden
@@ -43,9 +46,9 @@ def test_quantize_then_generate(other_checkpoint, fixture_a, tmp_path, scheme):
 @pytest.mark.parametrize("args,message", [
     (["--scheme", "int4-rtn", "--group-size", "100"], "power of two >= 16"),
     (["--scheme", "int8-wo", "--group-size", "64"], "per output channel"),
-    (["--scheme", "w8a8-sq"], "planned but not implemented"),
+    (["--scheme", "w8a8-sq", "--group-size", "128"], "drop --group-size"),
     (["--scheme", "fp8", "--group-size", "128"], "drop --group-size"),
-    (["--scheme", "int4-awq"], "planned but not implemented"),
+    (["--scheme", "int4-awq", "--group-size", "24"], "power of two >= 16"),
 ])
 def test_quantize_refuses_bad_options_with_one_error_line(tmp_path, args, message):
     proc = subprocess.run([*CLI, "quantize", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "b"), *args],
