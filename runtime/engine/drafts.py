@@ -130,6 +130,10 @@ class PreviousAnswer:
 
     def __init__(self, table: SegmentTable, previous: Sequence[int]):
         self.ids = [int(t) for t in previous]
+        bad = [t for t in self.ids if not 0 <= t < len(table.opens)]
+        if bad:
+            raise ValueError(f"the draft holds token ids outside this tokenizer's range [0, {len(table.opens)}): "
+                             f"{bad[:5]}; draft from an answer of the same model")
         self.starts = table.segments(self.ids)
         self.starts[("text", None)] = 0  # the glue before the first segment starts the answer
 
