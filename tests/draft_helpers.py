@@ -6,7 +6,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-
 from molmoact_edge.runtime.engine.constrain import mask_logits
 from molmoact_edge.runtime.engine.generate import NEAR_TIE_TOLERANCE, generate
 

@@ -15,11 +15,16 @@ import numpy as np
 import pytest
 from conftest import GoldenCase, case_id, golden_cases
 from draft_helpers import assert_same_ids, run
-from grammar_answers import Answer, action_table, answers
+from grammar_answers import Answer, action_table
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from molmoact_edge.runtime.engine.drafts import Drafter, NgramLookup, PreviousAnswer, SegmentCursor, SegmentTable
+from molmoact_edge.runtime.engine.drafts import (
+    Drafter,
+    NgramLookup,
+    PreviousAnswer,
+    SegmentCursor,
+    SegmentTable,
+)
 from molmoact_edge.runtime.engine.generate import _draft
 from molmoact_edge.runtime.engine.grammar import OutputGrammar
 from molmoact_edge.runtime.engine.pipeline import open_bundle
@@ -193,7 +198,7 @@ def test_onnxruntime_wrong_and_odd_drafts_keep_the_ids(ort_pipes, fixture_a, gra
     assert_same_ids(pipe, inputs, ids, got.token_ids, budget, grammar, "n-gram")
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_drafts_never_change_the_ids(ort_pipes, fixture_a, data):
@@ -224,9 +229,10 @@ def test_generate_draft_from_previous_json(bundles, tmp_path, grammar_flag):
     for fixture, bundle in bundles.items():
         case = GoldenCase(fixture, "single_256")
         base = [sys.executable, "-m", "molmoact_edge", "generate", "--bundle", str(bundle), "--image",
-                str(case.image_paths[0]), "--max-new-tokens", str(MAX_NEW), "--json", *grammar_flag]
+                str(case.image_paths[0]), "--max-new-tokens", str(_budget(not grammar_flag)), "--json",
+                *grammar_flag]
 
-        def gen(instruction, draft=None):
+        def gen(instruction, draft=None, base=base):
             cmd = base + ["--instruction", instruction] + ([] if draft is None else ["--draft-from", str(draft)])
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, proc.stderr
