@@ -252,3 +252,20 @@ def test_generate_draft_from_previous_json(bundles, tmp_path, grammar_flag):
             assert sum(s["accepted_tokens"] for s in segs.values()) == d["accepted_tokens"]
         assert d["llm_forwards"] / d["new_tokens"] <= 0.15, d["llm_forwards"]
         assert plain["draft_tokens"] == plain["accepted_tokens"] == 0
+
+
+def test_a_rejected_source_yields_its_turn_once(table):
+    class Fixed:
+        def __init__(self, ids):
+            self.ids = ids
+
+        def propose(self, answer, cursor, n):
+            return self.ids[:n]
+
+    first, second = Fixed([1, 2, 3]), Fixed([7, 8])
+    d = Drafter(table, [first, second], k=4)
+    assert d.propose([], None, 4) == [1, 2, 3]
+    d.update(3, 0)  # nothing of it accepted: the next proposal comes from the other source
+    assert d.propose([], None, 4) == [7, 8]
+    d.update(2, 1)
+    assert d.propose([], None, 4) == [1, 2, 3]

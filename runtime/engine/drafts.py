@@ -213,6 +213,8 @@ class Drafter:
         self.table, self.sources = table, list(sources)
         self.k, self.min_k, self.max_k = k, min_k, max_k
         self.stats = DraftStats()
+        self._used: DraftSource | None = None  # the source of the last proposal
+        self._failed: DraftSource | None = None  # ... if nothing of it was accepted
 
     @classmethod
     def from_previous(cls, table: SegmentTable, previous: Sequence[int] | None, ngram: bool = False,
@@ -228,13 +230,22 @@ class Drafter:
         return SegmentCursor(self.table)
 
     def propose(self, answer: Sequence[int], cursor: SegmentCursor, n: int) -> list[int]:
-        for s in self.sources:
+        # A source whose last draft was rejected outright yields its turn once: where the previous
+        # answer has stopped matching (a new segment length, another glue), a lookup within the
+        # answer may still match, and the next call tries the previous answer again.
+        order = self.sources
+        if self._failed is not None and len(order) > 1:
+            order = [s for s in order if s is not self._failed] + [self._failed]
+        for s in order:
             got = s.propose(answer, cursor, n)
             if got:
+                self._used = s
                 return [int(t) for t in got[:n]]
+        self._used = None
         return []
 
     def update(self, drafted: int, accepted: int) -> None:
+        self._failed = self._used if drafted and accepted == 0 else None
         if drafted == 0:
             return
         if accepted == drafted:
