@@ -36,6 +36,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="most action lists the grammar allows in one answer (fine-tuned checkpoints emit 8)")
     p.add_argument("--steer-trace", default=None, metavar="JSON", type=trace_points,
                    help='force this trace into the answer, e.g. "[[120, 200], [140, 180]]" (0-255, first image)')
+    p.add_argument("--draft-from", type=Path, default=None, metavar="PREVIOUS.json",
+                   help="speculative decoding drafted from an earlier answer (the --json output of a previous "
+                        "generate, e.g. of the last camera frame): same ids, fewer sequential forwards")
+    p.add_argument("--draft-ngram", action="store_true",
+                   help="also draft from repeats within the answer itself (same ids, fewer forwards)")
     p.add_argument("--stream", action="store_true", help="print depth / trace / actions to stderr as they complete")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -44,6 +49,22 @@ def _load_images(paths):
     from molmoact_edge.runtime.engine.images import load_image
 
     return [load_image(path) for path in paths]  # an ImageError is one `error:` line (cli/errors.py)
+
+
+def read_draft(path: Path) -> list[int]:
+    """The token ids of an earlier ``generate --json`` answer."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"--draft-from {path}: cannot read it ({e.strerror or e}); pass the file that "
+                         "`molmoact-edge generate --json` wrote for an earlier step") from e
+    except ValueError as e:
+        raise UsageError(f"--draft-from {path}: not JSON ({e}); pass the --json output of an earlier generate") from e
+    ids = data.get("token_ids") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise UsageError(f"--draft-from {path}: no 'token_ids' list of non-negative integers; pass the --json "
+                         "output of an earlier `molmoact-edge generate`")
+    return ids
 
 
 def check_args(args) -> None:
@@ -57,6 +78,8 @@ def check_args(args) -> None:
         raise UsageError(f"--backend {args.backend} needs --checkpoint: a bundle runs on onnxruntime")
     if args.steer_trace is not None and args.no_grammar:
         raise UsageError("--steer-trace forces the trace through the output grammar: drop --no-grammar")
+    if getattr(args, "draft_from", None) is not None:
+        args.draft_ids = read_draft(args.draft_from)
     if args.checkpoint is not None:
         require_checkpoint_dir(args.checkpoint)
         require_device(args.device)
@@ -128,7 +151,8 @@ def run(args) -> int:
         with open_pipeline(args) as pipe:
             res = pipe.act(images, args.instruction, template=args.template, max_new_tokens=args.max_new_tokens,
                            grammar=not args.no_grammar, max_actions=args.max_actions, unnorm_key=args.unnorm_key,
-                           steer_trace=steer, on_event=stream)
+                           steer_trace=steer, on_event=stream, draft_from=getattr(args, "draft_ids", None),
+                           draft_ngram=args.draft_ngram)
     except (ConfigError, GrammarError, ValueError, BackendUnavailable, NonFiniteError) as e:
         # NonFiniteError: the model failed at run time; there is no answer and no action
         raise CommandError(str(e)) from e
@@ -145,5 +169,8 @@ def run(args) -> int:
     t, r = res.timings_ms, res.generation
     print(f"[{r.prompt_tokens} prompt tokens, {len(r.token_ids)} new, stopped on {r.stopped}; "
           f"vision {t['vision']:.0f} ms, prefill {t['prefill']:.0f} ms, decode {t['decode']:.0f} ms "
-          f"({r.tokens_per_s:.2f} tok/s)]", file=sys.stderr)
+          f"({r.tokens_per_s:.2f} tok/s), {r.forwards} LLM forwards]", file=sys.stderr)
+    if r.drafts.draft_tokens:
+        print(f"[drafts: {r.drafts.accepted_tokens} of {r.drafts.draft_tokens} drafted tokens accepted]",
+              file=sys.stderr)
     return 0

@@ -51,6 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="use this action-convention preset instead of the unnorm key's own (runtime/control/convention.py)")
     p.add_argument("--max-new-tokens", type=positive_int, default=512, help="MolmoAct token budget per step")
     p.add_argument("--max-actions", type=positive_int, default=8, help="most action lists per MolmoAct answer")
+    p.add_argument("--no-draft", action="store_true",
+                   help="MolmoAct: do not draft each step from the previous answer (speculative decoding; the "
+                        "answers are the same either way, drafting needs fewer sequential forwards)")
     p.add_argument("--rate", type=float, default=50.0, help="executor rate in Hz, 20-50")
     p.add_argument("--duration", type=positive_float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--log", default=None, help="JSONL run log (default runs/run-<time>.jsonl)")
@@ -176,7 +179,8 @@ def _run(args: argparse.Namespace) -> int:
                 raise ValueError("--policy molmoact needs --bundle BUNDLE (create one with molmoact-edge export)")
             options = {"bundle": args.bundle, "bundle_sha256": args.bundle_sha256, "unnorm_key": args.unnorm_key,
                        "convention": args.convention,
-                       "max_new_tokens": args.max_new_tokens, "max_actions": args.max_actions}
+                       "max_new_tokens": args.max_new_tokens, "max_actions": args.max_actions,
+                       "draft": not args.no_draft}
         spec = PolicySpec(kind=args.policy, scripted=ScriptedConfig(offset=args.scripted_offset), options=options)
         config = LoopConfig(
             instruction=args.instruction, rate_hz=args.rate, safety=SafetyConfig(**safety_kw),

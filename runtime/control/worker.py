@@ -87,7 +87,9 @@ def _serve(spec: PolicySpec, requests, responses, stop: Callable[[], bool], cloc
             except BaseException:
                 responses.put(("error", "policy.predict raised:\n" + traceback.format_exc(limit=6), clock()))
                 return
-            responses.put(("chunk", (actions, obs.timestamp, obs.index, obs.pose, policy.convention, started), clock()))
+            info = dict(getattr(policy, "step_info", None) or {})  # e.g. MolmoAct's decode counts, for the run log
+            responses.put(("chunk", (actions, obs.timestamp, obs.index, obs.pose, policy.convention, started, info),
+                           clock()))
     finally:
         policy.close()
 
@@ -302,10 +304,10 @@ class InferenceWorker:
                 self._busy_since = None
                 self._set_error(payload, t)
             elif kind == "chunk":
-                actions, obs_t, obs_i, anchor, convention, started = payload
+                actions, obs_t, obs_i, anchor, convention, started, info = payload
                 self._busy_since = None
                 try:
                     self._ready = ActionChunk(actions, obs_t, obs_i, anchor, convention, finished_at=t,
-                                              info={"inference_s": t - started})
+                                              info={"inference_s": t - started, **info})
                 except ValueError as e:
                     self._set_error(f"policy returned a malformed chunk: {e}", t)

@@ -23,6 +23,7 @@ from molmoact_edge.runtime.engine.config import (
     ModelConfig,
     ProcessorConfig,
 )
+from molmoact_edge.runtime.engine.drafts import Drafter, SegmentTable
 from molmoact_edge.runtime.engine.generate import GenerationResult, generate
 from molmoact_edge.runtime.engine.grammar import OutputGrammar
 from molmoact_edge.runtime.engine.ort_backend import OrtBackend
@@ -67,6 +68,7 @@ class Pipeline:
         # built once per unnorm key (and answer shape) and shared by every step
         self._readings: dict[str | None, ActionReading] = {}
         self._grammars: dict[tuple[str | None, int], OutputGrammar] = {}
+        self._segments: SegmentTable | None = None
 
     def reading(self, unnorm_key: str | None = None) -> ActionReading:
         """How actions are read for ``unnorm_key`` (None: the only key, or none chosen)."""
@@ -85,16 +87,27 @@ class Pipeline:
                 max_actions=max_actions, decoder=r.decoder)
         return self._grammars[key]
 
+    def drafter(self, draft_from=None, ngram: bool = False, **options) -> Drafter | None:
+        """A draft policy over ``draft_from`` (the token ids of an earlier answer) and, with
+        ``ngram``, lookups within the answer itself; None when neither is asked for."""
+        if not draft_from and not ngram:
+            return None
+        if self._segments is None:
+            self._segments = SegmentTable.from_tokenizer(self.spec.tokenizer)
+        return Drafter.from_previous(self._segments, draft_from, ngram=ngram, **options)
+
     def act(self, images, instruction: str, *, template: str | None = None, max_new_tokens: int = 256,
             grammar: bool = True, max_actions: int = 1, unnorm_key: str | None = None, steer_trace=None,
-            on_event: Callable[[TimedEvent], None] | None = None) -> StepResult:
+            on_event: Callable[[TimedEvent], None] | None = None, draft_from=None,
+            draft_ngram: bool = False) -> StepResult:
         """One step, read: ids, text, depth, trace, actions and what was off, with timings.
 
         ``grammar`` constrains decoding to well-formed answers of up to ``max_actions`` action
         lists that fit ``max_new_tokens``; ``steer_trace`` forces the trace; ``on_event`` gets each
         part of the answer as it completes. Without an ``unnorm_key`` on a checkpoint with several,
         the step still runs and ``actions_error`` names the keys. Raises NonFiniteError when the
-        model produces NaN or inf."""
+        model produces NaN or inf. ``draft_from`` (an earlier answer's token ids) drafts speculative
+        decoding, ``draft_ngram`` adds lookups within the answer: the ids stay those of greedy decoding."""
         reading = self.reading(unnorm_key)
         g = self.grammar(unnorm_key, max_actions) if grammar else None
         events: list[TimedEvent] = []
@@ -105,16 +118,17 @@ class Pipeline:
                 on_event(events[-1])
 
         out = self.step(images, instruction, template, max_new_tokens, grammar=g, steer_trace=steer_trace,
-                        on_event=record)
+                        on_event=record, drafter=self.drafter(draft_from, draft_ngram))
         parsed = parse_step(out.text, reading.decoder, action_dim=reading.action_dim)
         return StepResult(out.inputs, out.result, out.text, parsed, reading, tuple(events), grammar=g is not None)
 
     def step(self, images, instruction: str, template: str | None = None, max_new_tokens: int = 256,
-             grammar=None, steer_trace=None, on_event: Callable[[float, Any], None] | None = None) -> StepOutput:
+             grammar=None, steer_trace=None, on_event: Callable[[float, Any], None] | None = None,
+             drafter: Drafter | None = None) -> StepOutput:
         """One step. With ``grammar`` (an :class:`~molmoact_edge.runtime.engine.grammar.OutputGrammar`) decoding
         is constrained to well-formed answers; ``steer_trace`` forces the trace slot (trajectory
         steering). ``on_event(ms_since_start, event)`` streams depth / trace / each action as they
-        complete."""
+        complete. ``drafter`` (see :meth:`drafter`) decodes speculatively."""
         if steer_trace is not None and grammar is None:
             raise ValueError("steering the trace needs the output grammar (do not combine with --no-grammar)")
         t0 = time.perf_counter()
@@ -123,7 +137,7 @@ class Pipeline:
         state = grammar.start(trace=steer_trace, max_tokens=max_new_tokens) if grammar is not None else None
         timed = None if on_event is None else (lambda ev: on_event((time.perf_counter() - t0) * 1e3, ev))
         result = generate(self.backend, inputs, self.spec.tokenizer.special.eos, max_new_tokens,
-                          grammar_state=state, on_event=timed, preprocess_ms=pre_ms)
+                          grammar_state=state, on_event=timed, preprocess_ms=pre_ms, drafter=drafter)
         return StepOutput(inputs, result, self.spec.tokenizer.decode(result.token_ids))
 
     def close(self) -> None:
