@@ -7,6 +7,12 @@ graph reads the past where it lies and writes the new keys/values straight into 
 Nothing grows, and nothing is concatenated or copied on the host per token. The input embedding
 lookup is a host-side gather from the table (in memory when the bundle's hashes were verified, so
 that the bytes used are the bytes hashed; memory-mapped otherwise).
+
+``kv_input="full"`` runs the bundle's static-cache graph (``llm_static``, export --static-kv)
+instead: the whole buffer is bound as ``kv_cache`` (by pointer, no copy) and the graph masks the
+unfilled rows from the position. Its shapes do not change per token, which is what a GPU needs; on
+the CPU it attends over every row of the buffer, so the CPU path keeps the default "prefix" graph
+(benchmarks/static_kv.py measures both).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 from molmoact_edge.runtime.engine.bundle import Bundle, BundleError, check_signature, load_embeddings
 from molmoact_edge.runtime.engine.config import ConfigError, ModelConfig
 from molmoact_edge.runtime.engine.deps import import_backend
+from molmoact_edge.runtime.engine.manifest import LLM_GRAPHS
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(bfloat16)": "bfloat16", "tensor(int32)": "int32"}
@@ -56,7 +63,7 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, config: ModelConfig, providers: list[str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, kv_input: str = "prefix"):
         ort = import_backend("onnxruntime", "onnxruntime")  # onnxruntime-gpu provides it too
         opts = ort.SessionOptions()
         if threads:
@@ -64,7 +71,13 @@ class OrtBackend:
         providers = providers or ["CPUExecutionProvider"]
         self.embeddings = load_embeddings(bundle)  # first: its hash check is cheaper than loading the graphs
         self.sessions = {}
-        for name in ("vision", "llm"):
+        if kv_input not in LLM_GRAPHS.values():
+            raise ValueError(f"kv_input must be one of {sorted(LLM_GRAPHS.values())}, got {kv_input!r}")
+        self.llm_graph = next(g for g, kv in LLM_GRAPHS.items() if kv == kv_input)
+        if self.llm_graph not in bundle.manifest.graphs:
+            raise BundleError(f"{bundle.path} has no {self.llm_graph!r} graph (the static-cache LLM graph); "
+                              "re-export it with `molmoact-edge export --static-kv ...`")
+        for name in ("vision", self.llm_graph):
             spec = bundle.manifest.graphs[name]
             try:
                 sess = ort.InferenceSession(str(bundle.file(spec.file)), opts, providers=providers)
@@ -72,9 +85,9 @@ class OrtBackend:
                 raise BundleError(f"{bundle.file(spec.file)} could not be loaded by onnxruntime ({e}); "
                                   "re-export the bundle") from e
             check_signature(name, spec, _io(sess.get_inputs()), _io(sess.get_outputs()), bundle.path)
-            self.sessions[name] = sess
+            self.sessions["llm" if name == self.llm_graph else name] = sess
         self.kv_dtype = np.dtype(bundle.manifest.kv_cache.dtype)
-        self.embed_dtype = np.dtype(bundle.manifest.graphs["llm"].tensor("inputs_embeds").dtype)
+        self.embed_dtype = np.dtype(bundle.manifest.graphs[self.llm_graph].tensor("inputs_embeds").dtype)
         self.patch_id = config.image_patch_id
         self.kv_row = tuple(bundle.manifest.kv_cache.shape[1:])
         self.max_positions = config.llm.max_position_embeddings
@@ -117,9 +130,11 @@ class OrtBackend:
         binding.bind_cpu_input("inputs_embeds", embeds[None])
         binding.bind_cpu_input("position_ids", np.arange(start_pos, start_pos + q, dtype=np.int64))
         binding.bind_cpu_input("logits_index", rows)
-        past = self.kv[:start_pos]
+        # the static graph reads the whole buffer (the position masks it), the other the filled prefix
+        past = self.kv if self.llm_graph == "llm_static" else self.kv[:start_pos]
         new = self.kv[start_pos:start_pos + q]
-        binding.bind_input("past_kv", "cpu", 0, self.kv_dtype, past.shape, past.ctypes.data)
+        binding.bind_input("kv_cache" if self.llm_graph == "llm_static" else "past_kv", "cpu", 0, self.kv_dtype,
+                           past.shape, past.ctypes.data)
         # get_outputs() lists outputs in the order they were bound: logits first.
         binding.bind_output("logits", "cpu")
         binding.bind_output("new_kv", "cpu", 0, self.kv_dtype, new.shape, new.ctypes.data)
