@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check(bundle, max_seq_len: int) -> int:
-    from molmoact_edge.runtime.engine.trt_support import TRT_VERSION, check_graph
+    from molmoact_edge.export.trt_check import TRT_VERSION, check_graph
 
     m = bundle.manifest
     if max_seq_len > m.model.max_position_embeddings:

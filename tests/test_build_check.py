@@ -19,7 +19,7 @@ onnx = pytest.importorskip("onnx", reason="build --check-only reads graphs with 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from molmoact_edge.runtime.engine.bundle import sha256_file  # noqa: E402
-from molmoact_edge.runtime.engine.trt_support import check_graph  # noqa: E402
+from molmoact_edge.export.trt_check import check_graph  # noqa: E402
 
 
 def build(*args, timeout=300):

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from molmoact_edge.runtime.engine.trt_profiles import LLM_GRAPH, llm_profiles, vision_profiles
+
 TRT_VERSION = "10.3"
 OPSET_DOCUMENTED = (9, 20)
 
@@ -73,9 +75,10 @@ DATA_INPUTS = {"Gather": (0,), "GatherElements": (0,), "GatherND": (0,), "Reshap
 CONSTANT_INPUTS = {"Squeeze": (1, "axes"), "Unsqueeze": (1, "axes"), "Pad": (3, "axes"), "CumSum": (1, "axis"),
                    **{op: (1, "axes") for op in _NUMERIC.split() if op.startswith("Reduce")}}
 
-# The dimensions each graph's optimisation profiles set (runtime/engine/trt_profiles.py); any other
-# dynamic input dimension cannot be built.
-PROFILED_DIMS = {"vision": {"crops", "tokens"}, "llm": {"q", "past", "rows"}, "llm_static": {"q", "rows", "max_seq_len"}}
+# The dimensions the optimisation profiles set (runtime/engine/trt_profiles.py); any other dynamic input
+# dimension cannot be built. ``llm`` (the CPU graph, growing past) is checked with its own dims.
+PROFILED_DIMS = {"vision": set(vision_profiles()[0].dims), LLM_GRAPH: set(llm_profiles(16, 2)[0].dims),
+                 "llm": {"q", "past", "rows"}}
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,7 @@ def _node_findings(g: _Graph, graph: str, node, i: int) -> list[Finding]:
         return out
     if op not in SUPPORTED:
         add(f"{op} is not in molmoact-edge's table of TensorRT {TRT_VERSION} ONNX support "
-            "(runtime/engine/trt_support.py); if TensorRT does parse it, add it there")
+            "(export/trt_check.py); if TensorRT does parse it, add it there")
         return out
     allowed = SUPPORTED[op]
     positions = DATA_INPUTS.get(op, range(len(node.input)))
