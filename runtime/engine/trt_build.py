@@ -6,7 +6,7 @@ which writes the engine entries into the manifest.
 
 Per graph (``vision`` and the static-cache ``llm_static``): parse the ONNX file with TensorRT's
 parser; a strongly typed network when the graph holds Q/DQ nodes (their types decide the
-precision), FP16 builder flag otherwise; one optimisation profile per token-count range; a timing
+precision), FP16 builder flag for an fp16 bundle, FP32 (TF32 off) for fp32; one optimisation profile per token-count range; a timing
 cache read from and written back to ``--timing-cache``; the serialized plan goes to
 ``engines/<key>/<graph>.plan`` with ``engine.json`` beside it, both hashed in the manifest.
 """
@@ -38,10 +38,12 @@ def import_tensorrt():
 
 
 def precision(bundle: Bundle, graph: str) -> str:
+    """strongly-typed (Q/DQ graphs: their types decide), fp16 (an fp16 bundle: FP16 builder flag) or
+    fp32 (an fp32 bundle, TF32 off: what the parity test on the fixtures needs)."""
     q = bundle.manifest.quantization
     if graph != "vision" and q is not None and q.get("target") == "tensorrt" and q.get("scheme") != "fp16":
-        return f"strongly-typed {q.get('scheme')}"  # Q/DQ nodes decide; builder flags would be ignored
-    return "fp16"
+        return f"strongly-typed {q.get('scheme')}"
+    return "fp16" if bundle.manifest.dtype == "fp16" else "fp32"
 
 
 def add_engines(bundle_path: Path, manifest: Manifest, entries: list[dict]) -> Manifest:
@@ -68,8 +70,9 @@ def current_device(trt) -> Device:
     return Device(tensorrt=trt.__version__, gpu=name, compute_capability=cc)
 
 
-def _build_one(trt, logger, path: Path, profiles: list[Profile], spec, strongly_typed: bool, cache_bytes: bytes):
+def _build_one(trt, logger, path: Path, profiles: list[Profile], spec, prec: str, cache_bytes: bytes):
     builder = trt.Builder(logger)
+    strongly_typed = prec.startswith("strongly")
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -77,8 +80,10 @@ def _build_one(trt, logger, path: Path, profiles: list[Profile], spec, strongly_
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BundleError(f"TensorRT could not parse {path}: {errors} (run `molmoact-edge build --check-only`)")
     config = builder.create_builder_config()
-    if not strongly_typed:
+    if prec == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
+    elif prec == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)
     for p in profiles:
@@ -114,7 +119,7 @@ def build_engines(bundle: Bundle, max_seq_len: int, max_verify: int, timing_cach
         say(f"[{i}/{len(GRAPHS)}] building {graph} ({prec}, profiles {[p['name'] for p in profiles]}) on {device.gpu} "
             f"with TensorRT {device.tensorrt}: minutes on an Orin (t = {time.perf_counter() - t0:.0f} s)")
         plan, cache_bytes = _build_one(trt, logger, bundle.file(m.graphs[graph].file), plans[graph], m.graphs[graph],
-                                       prec.startswith("strongly"), cache_bytes)
+                                       prec, cache_bytes)
         folder.mkdir(parents=True, exist_ok=True)
         try:
             (folder / f"{graph}.plan").write_bytes(plan)
