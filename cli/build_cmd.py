@@ -11,8 +11,8 @@ from molmoact_edge.errors import CommandError, UsageError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", type=Path, required=True, help="bundle directory (export --static-kv for the GPU graph)")
-    p.add_argument("--max-seq-len", type=int, default=1024,
-                   help="KV cache rows the LLM engine is built for (prompt + generated tokens)")
+    p.add_argument("--max-seq-len", type=int, default=1280,
+                   help="KV cache rows the LLM engine is built for (prompt + generated tokens: 806 + 256 for one 640x480 view)")
     p.add_argument("--max-verify", type=int, default=8,
                    help="largest k of a multi-token forward (drafts to verify, grammar-forced spans)")
     p.add_argument("--timing-cache", type=Path, default=None,
