@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=18,
                    help="ONNX opset (18: portable baseline that TensorRT 10.3 / JetPack 6 parses)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--static-kv", action="store_true",
+                   help="also write llm_static.onnx, the static-shape LLM graph that GPU engines (build) need "
+                        "(a second copy of the LLM weights)")
 
 
 def run(args) -> int:
@@ -24,7 +27,8 @@ def run(args) -> int:
     from molmoact_edge.export.onnx_export import export_bundle
 
     try:
-        out = export_bundle(args.checkpoint, args.out, args.dtype, args.opset, args.force)
+        out = export_bundle(args.checkpoint, args.out, args.dtype, args.opset, args.force,
+                            static_kv=args.static_kv)
     except FileExistsError as e:
         raise CommandError(str(e)) from e
     except KeyboardInterrupt:

@@ -17,8 +17,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--bundle", type=Path, help="exported bundle folder (see `molmoact-edge export`)")
     p.add_argument("--bundle-sha256", default=None, metavar="HEX",
                    help="refuse the bundle unless sha256sum of its manifest.json is HEX (pins every file)")
-    p.add_argument("--backend", choices=["torch", "onnxruntime"], default=None,
-                   help="engine: torch for --checkpoint (default), onnxruntime for --bundle (default)")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default=None,
+                   help="engine: torch for --checkpoint (default), onnxruntime for --bundle (default), or the "
+                        "bundle's TensorRT engines (molmoact-edge build)")
+    p.add_argument("--providers", choices=["cpu", "cuda", "tensorrt"], default=None,
+                   help="onnxruntime execution providers for --bundle (cuda / tensorrt need onnxruntime-gpu)")
     p.add_argument("--image", action="append", required=True, type=Path,
                    help="an image file; repeat for several camera views (first = main view)")
     p.add_argument("--instruction", required=True, type=instruction, help="the task, e.g. 'close the box'")
@@ -74,8 +77,11 @@ def check_args(args) -> None:
     if args.checkpoint is not None and args.backend not in (None, "torch"):
         raise UsageError(f"--backend {args.backend} needs --bundle: --checkpoint runs the torch reference "
                          "(export a bundle with `molmoact-edge export` for onnxruntime)")
-    if args.bundle is not None and args.backend not in (None, "onnxruntime"):
-        raise UsageError(f"--backend {args.backend} needs --checkpoint: a bundle runs on onnxruntime")
+    if args.bundle is not None and args.backend not in (None, "onnxruntime", "tensorrt"):
+        raise UsageError(f"--backend {args.backend} needs --checkpoint: a bundle runs on onnxruntime or tensorrt")
+    if args.providers is not None and (args.bundle is None or args.backend not in (None, "onnxruntime")):
+        raise UsageError("--providers selects onnxruntime's execution providers: use it with --bundle and the "
+                         "onnxruntime backend")
     if args.steer_trace is not None and args.no_grammar:
         raise UsageError("--steer-trace forces the trace through the output grammar: drop --no-grammar")
     if getattr(args, "draft_from", None) is not None:
@@ -130,7 +136,8 @@ def open_pipeline(args):
         return open_checkpoint(args.checkpoint, parse_dtype(args.dtype), args.device)
     from molmoact_edge.runtime.engine.pipeline import open_bundle
 
-    return open_bundle(args.bundle, backend=args.backend or "onnxruntime", bundle_sha256=args.bundle_sha256)
+    options = {"providers": args.providers} if args.providers else {}
+    return open_bundle(args.bundle, backend=args.backend or "onnxruntime", bundle_sha256=args.bundle_sha256, **options)
 
 
 def run(args) -> int:

@@ -9,6 +9,7 @@ The graphs are exported with the torch.onnx dynamo exporter at opset 18: the por
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,10 +24,11 @@ from typing import Callable
 import numpy as np
 import torch
 from molmoact_edge.export.checkpoint import WeightFiles, load_model
-from molmoact_edge.export.graphs import LlmGraph, VisionGraph
+from molmoact_edge.export.graphs import LlmGraph, StaticLlmGraph, VisionGraph
 from molmoact_edge.export.model import MolmoAct
 from molmoact_edge.runtime.engine.bundle import sha256_file
 from molmoact_edge.runtime.engine.manifest import (
+    LLM_GRAPHS,
     MANIFEST,
     EmbeddingsSpec,
     GraphSpec,
@@ -111,6 +113,25 @@ def export_llm(model: MolmoAct, path: Path, dtype: torch.dtype, opset: int) -> N
     _save(program, path, _param_bytes(model) - _param_bytes(model.model.vision_backbone))
 
 
+def export_llm_static(model: MolmoAct, path: Path, dtype: torch.dtype, opset: int) -> None:
+    """The static-cache LLM graph (graphs.StaticLlmGraph): the cache input is the whole buffer, whose
+    length (``max_seq_len``) is chosen once per session or engine, never per token."""
+    c = model.config.llm
+    q, start, cache = 3, 5, 11
+    example = (torch.randn(1, q, c.hidden_size, dtype=dtype), torch.arange(start, start + q),
+               torch.randn(cache, c.num_hidden_layers, 2, c.num_key_value_heads, c.head_dim, dtype=dtype),
+               torch.tensor([q - 1]))
+    n = c.max_position_embeddings
+    tokens = torch.export.Dim("q", min=1, max=n)
+    dims = {"inputs_embeds": {1: tokens}, "position_ids": {0: tokens},
+            "kv_cache": {0: torch.export.Dim("max_seq_len", min=2, max=n)},
+            "logits_index": {0: torch.export.Dim("rows", min=1, max=n)}}
+    program = torch.onnx.export(StaticLlmGraph(model).eval(), example, dynamo=True, opset_version=opset,
+                                input_names=["inputs_embeds", "position_ids", "kv_cache", "logits_index"],
+                                output_names=["logits", "new_kv"], dynamic_shapes=dims, verbose=False)
+    _save(program, path, _param_bytes(model) - _param_bytes(model.model.vision_backbone))
+
+
 @contextlib.contextmanager
 def _quiet_exporter():
     """The exporter logs that torchvision's ops are not registered and that it renamed dynamic axes;
@@ -144,15 +165,18 @@ def _versions() -> dict[str, str]:
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", opset: int = 18,
-                  force: bool = False, progress: Callable[[str], None] | None = None) -> Path:
+                  force: bool = False, progress: Callable[[str], None] | None = None,
+                  static_kv: bool = False) -> Path:
     """Write a bundle directory; returns its path. Refuses to overwrite an existing bundle unless
-    ``force``; the bundle appears atomically (written beside it, then renamed)."""
+    ``force``; the bundle appears atomically (written beside it, then renamed). ``static_kv`` adds
+    ``llm_static.onnx`` (the GPU graph: whole cache in, position masked in the graph); it is opt-in
+    because it holds a second copy of the LLM weights."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown bundle dtype {dtype!r}; accepted: {sorted(DTYPES)}")
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
-    step = Progress(7, progress)
+    step = Progress(8 if static_kv else 7, progress)
     tdtype = DTYPES[dtype]
     step(f"loading {checkpoint} as {dtype}")
     model = load_model(checkpoint, tdtype)
@@ -165,6 +189,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
             export_vision(model, tmp / "vision.onnx", opset)
             step("exporting llm.onnx (prefill/decode/verify, KV in and out)")
             export_llm(model, tmp / "llm.onnx", tdtype, opset)
+            if static_kv:
+                step("exporting llm_static.onnx (whole KV cache + position in, for GPU engines)")
+                export_llm_static(model, tmp / "llm_static.onnx", tdtype, opset)
         step("writing the input embedding table")
         wte = model.model.transformer.wte
         table = torch.cat([wte.embedding, wte.new_embedding]).detach()
@@ -179,10 +206,14 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
         source = {p.name: sha256_file(p) for p in weight_files + [checkpoint / "config.json"]}
         step("hashing bundle files and writing manifest.json")
         graphs = {}
-        for name in ("vision", "llm"):
+        llm = cfg.llm
+        for name in ("vision", "llm") + (("llm_static",) if static_kv else ()):
             inputs, outputs = _onnx_io(tmp / f"{name}.onnx")
             graphs[name] = GraphSpec(f"{name}.onnx", inputs, outputs)
-        llm = cfg.llm
+        if static_kv:  # each LLM graph serves every q; the runtime picks by where it runs
+            for name, kv_input in LLM_GRAPHS.items():
+                graphs[name] = dataclasses.replace(graphs[name], kv_input=kv_input,
+                                                   serves_q=(1, llm.max_position_embeddings))
         table_dtype = np.dtype(table.numpy().dtype).name
         manifest = Manifest(
             dtype=dtype,

@@ -116,7 +116,9 @@ def load_manifest(bundle_dir: str | Path, verify_hashes: bool = True, bundle_sha
             if rel != manifest.embeddings.file:  # hashed as it is read into memory: load_embeddings
                 _verify(path, rel, manifest.files[rel])
     bundle = Bundle(path, manifest, digest, verify_hashes)
-    infos = {name: _graph_info(bundle, name) for name in ("vision", "llm")}
+    # an optional static-cache LLM graph (export --static-kv) is checked like the others
+    infos = {name: _graph_info(bundle, name) for name in ("vision", "llm", "llm_static")
+             if name != "llm_static" or name in manifest.graphs}
     _check_against_graphs(bundle, infos)
     _check_against_config(bundle)
     _check_embeddings_header(bundle)

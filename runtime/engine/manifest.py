@@ -109,6 +109,14 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
+# How an LLM graph reads the KV cache (both over the one position-major buffer of ``kv_cache``):
+# "prefix": ``past_kv`` is the filled rows only (its length grows per token; the CPU path);
+# "full": ``kv_cache`` is the whole preallocated buffer and the position masks it in the graph
+# (static shapes per q: what a GPU captures in a CUDA graph). A graph without the field is "prefix".
+KV_INPUTS = ("prefix", "full")
+LLM_GRAPHS = {"llm": "prefix", "llm_static": "full"}
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     file: str
@@ -116,6 +124,8 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     # Set where this graph's ONNX opset differs from the bundle's (a quantiser's Q/DQ graph needs 21).
     opset: int | None = None
+    kv_input: str | None = None  # one of KV_INPUTS; None (older bundles) means "prefix"
+    serves_q: tuple[int, int] | None = None  # the token counts q (min, max) the graph is exported for
 
     @classmethod
     def from_json(cls, d: Any, where: str) -> GraphSpec:
@@ -127,14 +137,28 @@ class GraphSpec:
                 raise BundleError(f"{where}.{kind} must be a list")
             specs[kind] = tuple(TensorSpec.from_json(x, f"{where}.{kind}[{i}]") for i, x in enumerate(items))
         opset = d.get("opset")
+        kv_input = d.get("kv_input")
+        if kv_input is not None and kv_input not in KV_INPUTS:
+            raise BundleError(f"{where}.kv_input {kv_input!r} is not one of {list(KV_INPUTS)}")
+        q = d.get("serves_q")
+        if q is not None:
+            if not isinstance(q, list) or len(q) != 2:
+                raise BundleError(f"{where}.serves_q must be [min_q, max_q], got {q!r}")
+            q = (_int(q[0], f"{where}.serves_q[0]"), _int(q[1], f"{where}.serves_q[1]"))
+            if q[0] > q[1]:
+                raise BundleError(f"{where}.serves_q {list(q)} has min > max")
         return cls(check_relpath(_get(d, "file", f"{where}."), f"{where}.file"), specs["inputs"], specs["outputs"],
-                   None if opset is None else _int(opset, f"{where}.opset"))
+                   None if opset is None else _int(opset, f"{where}.opset"), kv_input, q)
 
     def to_json(self) -> dict:
         d = {"file": self.file, "inputs": [t.to_json() for t in self.inputs],
              "outputs": [t.to_json() for t in self.outputs]}
         if self.opset is not None:
             d["opset"] = self.opset
+        if self.kv_input is not None:
+            d["kv_input"] = self.kv_input
+        if self.serves_q is not None:
+            d["serves_q"] = list(self.serves_q)
         return d
 
     def tensor(self, name: str) -> TensorSpec | None:

@@ -7,6 +7,12 @@ graph reads the past where it lies and writes the new keys/values straight into 
 Nothing grows, and nothing is concatenated or copied on the host per token. The input embedding
 lookup is a host-side gather from the table (in memory when the bundle's hashes were verified, so
 that the bytes used are the bytes hashed; memory-mapped otherwise).
+
+``kv_input="full"`` runs the bundle's static-cache graph (``llm_static``, export --static-kv)
+instead: the whole buffer is bound as ``kv_cache`` (by pointer, no copy) and the graph masks the
+unfilled rows from the position. Its shapes do not change per token, which is what a GPU needs; on
+the CPU it attends over every row of the buffer, so the CPU path keeps the default "prefix" graph
+(benchmarks/static_kv.py measures both).
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import time
 import numpy as np
 from molmoact_edge.runtime.engine.bundle import Bundle, BundleError, check_signature, load_embeddings
 from molmoact_edge.runtime.engine.config import ConfigError, ModelConfig
-from molmoact_edge.runtime.engine.deps import import_backend
+from molmoact_edge.runtime.engine.deps import BackendUnavailable, import_backend
+from molmoact_edge.runtime.engine.manifest import LLM_GRAPHS
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
               "tensor(bfloat16)": "bfloat16", "tensor(int32)": "int32"}
@@ -48,6 +55,25 @@ def _check_kv_size(positions: int, max_positions: int, row: tuple, dtype: np.dty
                           "in the bundle's config.json")
 
 
+# --providers -> onnxruntime execution providers, in priority order (CPU last, for ops a GPU provider lacks)
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def resolve_providers(kind: str, available: list[str]) -> list[str]:
+    """The providers for ``--providers kind``, refusing one this onnxruntime build lacks (the CPU-only
+    wheel has no CUDA or TensorRT provider: that is the onnxruntime-gpu wheel)."""
+    if kind not in PROVIDERS:
+        raise ValueError(f"unknown --providers {kind!r}; accepted: {sorted(PROVIDERS)}")
+    wanted = PROVIDERS[kind]
+    if wanted[0] not in available:
+        raise BackendUnavailable(f"--providers {kind} needs onnxruntime's {wanted[0]}, which this onnxruntime does not "
+                                 f"have (it has {available}): pip uninstall onnxruntime && pip install onnxruntime-gpu "
+                                 "(on a Jetson: the onnxruntime-gpu wheel for your JetPack)")
+    return wanted
+
+
 def _io(items):
     return [(x.name, _ORT_TYPES.get(x.type, x.type), tuple(x.shape)) for x in items]
 
@@ -55,16 +81,32 @@ def _io(items):
 class OrtBackend:
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, config: ModelConfig, providers: list[str] | None = None,
-                 threads: int | None = None):
+    def __init__(self, bundle: Bundle, config: ModelConfig, providers: list[str] | str | None = None,
+                 threads: int | None = None, kv_input: str | None = None):
+        """``providers``: a --providers name ("cpu", "cuda", "tensorrt") or onnxruntime's provider list.
+        On a GPU provider the KV cache lives in device memory (bound by address like the host one) and
+        the static-cache graph is used when the bundle has it. NEVER RUN HERE on a GPU (no
+        onnxruntime-gpu on our machines): README "What has never run"."""
         ort = import_backend("onnxruntime", "onnxruntime")  # onnxruntime-gpu provides it too
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        if isinstance(providers, str):
+            providers = resolve_providers(providers, ort.get_available_providers())
         providers = providers or ["CPUExecutionProvider"]
+        self.on_gpu = providers[0] != "CPUExecutionProvider"
+        if kv_input is None:
+            kv_input = "full" if self.on_gpu and "llm_static" in bundle.manifest.graphs else "prefix"
+        self._ort = ort
         self.embeddings = load_embeddings(bundle)  # first: its hash check is cheaper than loading the graphs
         self.sessions = {}
-        for name in ("vision", "llm"):
+        if kv_input not in LLM_GRAPHS.values():
+            raise ValueError(f"kv_input must be one of {sorted(LLM_GRAPHS.values())}, got {kv_input!r}")
+        self.llm_graph = next(g for g, kv in LLM_GRAPHS.items() if kv == kv_input)
+        if self.llm_graph not in bundle.manifest.graphs:
+            raise BundleError(f"{bundle.path} has no {self.llm_graph!r} graph (the static-cache LLM graph); "
+                              "re-export it with `molmoact-edge export --static-kv ...`")
+        for name in ("vision", self.llm_graph):
             spec = bundle.manifest.graphs[name]
             try:
                 sess = ort.InferenceSession(str(bundle.file(spec.file)), opts, providers=providers)
@@ -72,13 +114,14 @@ class OrtBackend:
                 raise BundleError(f"{bundle.file(spec.file)} could not be loaded by onnxruntime ({e}); "
                                   "re-export the bundle") from e
             check_signature(name, spec, _io(sess.get_inputs()), _io(sess.get_outputs()), bundle.path)
-            self.sessions[name] = sess
+            self.sessions["llm" if name == self.llm_graph else name] = sess
         self.kv_dtype = np.dtype(bundle.manifest.kv_cache.dtype)
-        self.embed_dtype = np.dtype(bundle.manifest.graphs["llm"].tensor("inputs_embeds").dtype)
+        self.embed_dtype = np.dtype(bundle.manifest.graphs[self.llm_graph].tensor("inputs_embeds").dtype)
         self.patch_id = config.image_patch_id
         self.kv_row = tuple(bundle.manifest.kv_cache.shape[1:])
         self.max_positions = config.llm.max_position_embeddings
         self.kv: np.ndarray | None = None
+        self.kv_device = None  # the cache as an onnxruntime OrtValue in GPU memory (GPU providers)
         self.reset_stats()
 
     def vision(self, crops: np.ndarray, pooled_patches_idx: np.ndarray) -> np.ndarray:
@@ -93,6 +136,8 @@ class OrtBackend:
         if self.kv is None or self.kv.shape[0] < max_seq_len:
             _check_kv_size(max_seq_len, self.max_positions, self.kv_row, self.kv_dtype)
             self.kv = np.zeros((max_seq_len, *self.kv_row), dtype=self.kv_dtype)
+            if self.on_gpu:  # one device allocation, zeroed from the host buffer once
+                self.kv_device = self._ort.OrtValue.ortvalue_from_numpy(self.kv, "cuda", 0)
 
     def forward(self, token_ids: np.ndarray, start_pos: int, image_features: np.ndarray | None = None,
                 logits_rows: np.ndarray | None = None) -> np.ndarray:
@@ -117,12 +162,16 @@ class OrtBackend:
         binding.bind_cpu_input("inputs_embeds", embeds[None])
         binding.bind_cpu_input("position_ids", np.arange(start_pos, start_pos + q, dtype=np.int64))
         binding.bind_cpu_input("logits_index", rows)
-        past = self.kv[:start_pos]
+        # the static graph reads the whole buffer (the position masks it), the other the filled prefix
+        past = self.kv if self.llm_graph == "llm_static" else self.kv[:start_pos]
         new = self.kv[start_pos:start_pos + q]
-        binding.bind_input("past_kv", "cpu", 0, self.kv_dtype, past.shape, past.ctypes.data)
-        # get_outputs() lists outputs in the order they were bound: logits first.
+        where, base = ("cuda", self.kv_device.data_ptr()) if self.on_gpu else ("cpu", self.kv.ctypes.data)
+        row = int(np.prod(self.kv_row)) * self.kv_dtype.itemsize
+        binding.bind_input("kv_cache" if self.llm_graph == "llm_static" else "past_kv", where, 0, self.kv_dtype,
+                           past.shape, base)
+        # get_outputs() lists outputs in the order they were bound: logits first (copied to the host).
         binding.bind_output("logits", "cpu")
-        binding.bind_output("new_kv", "cpu", 0, self.kv_dtype, new.shape, new.ctypes.data)
+        binding.bind_output("new_kv", where, 0, self.kv_dtype, new.shape, base + start_pos * row)
         t1 = time.perf_counter()
         sess.run_with_iobinding(binding)
         t2 = time.perf_counter()
@@ -142,4 +191,4 @@ class OrtBackend:
 
     def close(self) -> None:
         self.sessions.clear()
-        self.kv = None
+        self.kv = self.kv_device = None

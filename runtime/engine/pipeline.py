@@ -157,4 +157,8 @@ def open_bundle(bundle_dir: str | Path, backend: str = "onnxruntime", verify_has
     spec = ModelSpec.load(manifest.path)
     if backend == "onnxruntime":
         return Pipeline(spec, OrtBackend(manifest, spec.config, **options))
-    raise BundleError(f"unknown backend {backend!r}; the bundle runs on: onnxruntime")
+    if backend == "tensorrt":  # imported here: TensorRT and cuda-python load only when asked for
+        from molmoact_edge.runtime.engine.trt_backend import TrtBackend
+
+        return Pipeline(spec, TrtBackend(manifest, spec.config, **options))
+    raise BundleError(f"unknown backend {backend!r}; the bundle runs on: onnxruntime, tensorrt")
