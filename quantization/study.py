@@ -51,6 +51,7 @@ class Answer:
     image_size: tuple[int, int]  # (width, height) of the first image: the trace's pixel frame
     stopped: str
     prompt_tokens: int
+    unnorm_key: str | None  # as resolved (the only key when none was given)
 
 
 @dataclass
@@ -85,7 +86,7 @@ class CandidateResult:
     rss_added: int | None = None
 
 
-def segment_labels(grammar, ids: list[int], max_tokens: int) -> list[str]:
+def segment_labels(grammar, ids: list[int], max_tokens: int | None) -> list[str]:
     """Per answer token, its segment. The answer must be one the grammar accepts (the reference
     answered with the grammar on)."""
     state = grammar.start(max_tokens=max_tokens)
@@ -188,7 +189,7 @@ def answer(pipe: Pipeline, sample: SampleData, unnorm_key: str | None, max_new_t
                    unnorm_key=unnorm_key)
     h, w = sample.images[0].shape[:2]
     return Answer(list(res.token_ids), res.text, res.depth, res.trace, res.actions, (w, h), res.stopped,
-                  res.generation.prompt_tokens)
+                  res.generation.prompt_tokens, res.unnorm_key)
 
 
 # -- cost of a bundle -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ seeded simulated episodes (issue 16). Without it the field is null and the repor
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -47,8 +48,9 @@ def run_study(reference: Path, candidates: list[Path], out: Path, data: Path | N
               threads: int | None = None, checkpoint: Path | None = None, sensitivity_scheme: str = "int4-rtn",
               sensitivity_target: str = "onnxruntime", keep_top: int | None = None, calib: Path | None = None,
               calib_samples: int | None = None, task_success: Callable[[Path], dict | None] | None = None,
-              progress: Callable[[str], None] = print) -> dict:
+              progress: Callable[[str], None] | None = None) -> dict:
     """Write ``report.json``, ``report.md`` and the plots under ``out``; returns the report."""
+    progress = progress or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cs, chosen = study.load_samples(data, split, samples)
@@ -75,10 +77,11 @@ def run_study(reference: Path, candidates: list[Path], out: Path, data: Path | N
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "reference": {"path": str(reference), "scheme": study.scheme_of(Path(reference)),
                       "answer_tokens": [len(a.ids) for a in ref_answers],
+                      "answer_ids": [a.ids for a in ref_answers],
                       "stopped": [a.stopped for a in ref_answers]},
         "data": {"path": str(cs.path), "split": split, "samples": len(chosen), "sha256": cs.sha256,
                  "ids": [s.id for s in chosen]},
-        "settings": {"unnorm_key": unnorm_key, "max_new_tokens": max_new_tokens, "threads": threads,
+        "settings": {"unnorm_key": ref_answers[0].unnorm_key, "max_new_tokens": max_new_tokens, "threads": threads,
                      "grammar": True, "kv_past_for_bytes": past},
         "candidates": entries, "sensitivity": sens,
         "task_success_note": None if task_success else TASK_SUCCESS_NOTE,
