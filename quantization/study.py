@@ -83,6 +83,7 @@ class CandidateResult:
     decode_ms: float = 0.0
     decode_calls: int = 0
     peak_rss: int | None = None
+    peak_scope: str | None = None
     rss_added: int | None = None
 
 
@@ -200,7 +201,9 @@ def bundle_disk_bytes(bundle: Path) -> int:
 
 def bytes_per_token(bundle: Path, past: float) -> dict[str, float]:
     """Bytes one decoded token reads: every constant of the LLM graph (transformer layers, lm_head,
-    norms), one embedding row and the KV cache at ``past`` positions (its mean over the answers)."""
+    norms), one embedding row and the KV cache at ``past`` positions (its mean over the answers).
+    The parts follow initializer names (onnx_passes.component_of): only quantised graphs name their
+    layer weights, so an unquantised export counts its transformer layers under "other"."""
     import onnx
     from molmoact_edge.quantization.onnx_passes import initializer_bytes
 
@@ -310,7 +313,8 @@ def compare(reference: Path, candidates: list[Path], samples: list[SampleData], 
                     res.action_deg.append(deg)
                     res.gripper_flips.append(flips)
                     res.actions_compared.append(n)
-                res.peak_rss = _status_kb("VmHWM") if peak_ok else None
+                res.peak_rss = _status_kb("VmHWM")
+                res.peak_scope = "while this candidate ran" if peak_ok else "process lifetime (no clear_refs)"
             finally:
                 pipe.close()
             results.append(res)
@@ -361,5 +365,6 @@ def summarize(res: CandidateResult) -> dict:
         "ms_per_token": res.decode_ms / res.decode_calls if res.decode_calls else float("nan"),
         "decode_calls": res.decode_calls,
         "peak_rss_bytes": res.peak_rss,
+        "peak_rss_scope": res.peak_scope,
         "rss_added_bytes": res.rss_added,
     }
