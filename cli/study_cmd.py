@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sens.add_argument("--sensitivity-target", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
     sens.add_argument("--keep-top", type=int, default=None,
                       help="layers the proposed recipe keeps in float (default: 5%% of them, at least 1)")
+    sens.add_argument("--keep-budget", type=float, default=0.1,
+                      help="most the kept layers may hold, as a fraction of the linear parameters (a layer "
+                           "that would exceed it is passed over)")
     sens.add_argument("--calib", type=Path, default=None,
                       help="calibration set for data-dependent schemes (default: the shipped set)")
     sens.add_argument("--calib-samples", type=_positive, default=None,
@@ -63,13 +66,15 @@ def run(args) -> int:
             recipe = recipe_for(args.sensitivity_scheme, args.sensitivity_target)
         except (ValueError, NotImplementedError) as e:
             raise UsageError(str(e)) from e
-        if not recipe.uses_calibration and type(recipe).__name__ == "FloatRecipe":
+        from molmoact_edge.quantization.recipes import FloatRecipe
+
+        if isinstance(recipe, FloatRecipe):
             raise UsageError("--sensitivity-scheme fp16 quantises no layer; choose a quantising scheme (e.g. int4-rtn)")
     try:
         run_study(args.reference, args.candidates, args.out, data=args.data, split=args.split,
                   unnorm_key=args.unnorm_key, samples=args.samples, max_new_tokens=args.max_new_tokens,
                   threads=args.threads, checkpoint=args.checkpoint, sensitivity_scheme=args.sensitivity_scheme,
-                  sensitivity_target=args.sensitivity_target, keep_top=args.keep_top, calib=args.calib,
+                  sensitivity_target=args.sensitivity_target, keep_top=args.keep_top, keep_budget=args.keep_budget, calib=args.calib,
                   calib_samples=args.calib_samples)
     except (ConfigError, CalibrationError):
         raise  # already explained; the central error path reports them (exit 1)

@@ -11,8 +11,11 @@ activation hook the simulation put on it) keeps this generic over recipes whose 
 the linear layer (weight-only, FP8 weights + activations); a recipe that also rewrites other modules
 (e.g. smoothing folded into a norm) is measured only for its linear part.
 
-The proposed recipe keeps the ``keep_top`` most sensitive layers in float; ``quantize --keep-float``
-applies it, and its simulated effect is measured here too (every layer quantised but those).
+The proposed recipe keeps the most sensitive layers in float, in rank order, up to ``keep_top`` layers
+and within ``keep_budget`` (a fraction of the linear parameters: a layer that would exceed it is
+passed over, so on a small model a huge lm_head does not take the whole budget); ``quantize
+--keep-float`` applies it, and its simulated effect is measured here too (every layer quantised but
+those).
 """
 
 from __future__ import annotations
@@ -71,10 +74,14 @@ def prepared_recipe(recipe, checkpoint: Path, reference, calib, max_samples: int
 
 @torch.no_grad()
 def layer_sensitivity(checkpoint: str | Path, recipe, samples, answers: list[list[int]], keep_top: int | None = None,
-                      calib=None, calib_samples: int | None = None,
+                      calib=None, calib_samples: int | None = None, keep_budget: float = 0.1,
                       progress: Callable[[str], None] = print) -> dict:
     """Rank the LLM's linear layers by the teacher-forced KL each one causes when it alone is
     quantised by ``recipe``; ``samples`` (study.SampleData) with the reference ``answers`` (ids)."""
+    from molmoact_edge.quantization.recipes import FloatRecipe
+
+    if isinstance(recipe, FloatRecipe):
+        raise ValueError("fp16 quantises no layer; rank the layers of a quantising scheme (e.g. int4-rtn)")
     checkpoint = Path(checkpoint)
     t0 = time.perf_counter()
     spec = ModelSpec.load(checkpoint)
@@ -101,6 +108,11 @@ def layer_sensitivity(checkpoint: str | Path, recipe, samples, answers: list[lis
         return {"kl": float(kl.mean()), "kl_max": float(kl.max()), "top1_agreement": float(np.concatenate(agree).mean())}
 
     names = list(ref_lin)
+    k = default_keep_top(len(names)) if keep_top is None else keep_top
+    if not 0 <= k <= len(names):  # checked before the expensive part
+        raise ValueError(f"--keep-top must be between 0 and the {len(names)} linear layers, got {k}")
+    if not 0 <= keep_budget <= 1:
+        raise ValueError(f"--keep-budget is a fraction of the linear parameters in [0, 1], got {keep_budget}")
     layers = []
     for i, name in enumerate(names):
         row = {"layer": name, "group": group_of(name), "params": int(ref_lin[name].weight.numel()), **score([name])}
@@ -112,10 +124,12 @@ def layer_sensitivity(checkpoint: str | Path, recipe, samples, answers: list[lis
         members = [n for n in names if group_of(n) == g]
         groups.append({"group": g, "layers": len(members), **score(members)})
     groups.sort(key=lambda r: -r["kl"])
-    k = default_keep_top(len(names)) if keep_top is None else keep_top
-    if not 0 <= k <= len(names):
-        raise ValueError(f"--keep-top must be between 0 and the {len(names)} linear layers, got {k}")
-    keep = [r["layer"] for r in layers[:k]]
+    total = sum(r["params"] for r in layers)
+    keep, extra = [], 0
+    for r in layers:
+        if len(keep) < k and extra + r["params"] <= keep_budget * total:
+            keep.append(r["layer"])
+            extra += r["params"]
     full = score(names)
     mixed = score([n for n in names if n not in keep])
     progress(f"sensitivity: whole recipe KL {full['kl']:.3g}; keeping {keep} in float: KL {mixed['kl']:.3g} "
@@ -126,10 +140,9 @@ def layer_sensitivity(checkpoint: str | Path, recipe, samples, answers: list[lis
            + (f" --target {target}" if target != "onnxruntime" else "")
            + (f" --group-size {group}" if group and scheme != "int8-wo" else "")
            + (f" --keep-float {','.join(keep)}" if keep else "") + " --out BUNDLE")
-    extra = sum(r["params"] for r in layers[:k])
     return {"checkpoint": str(checkpoint), "scheme": scheme, "target": target, "samples": len(samples),
             "positions": int(sum(len(a) for a in answers)), "layers": layers, "groups": groups,
             "whole_recipe": full,
-            "proposed": {"keep_float": keep, "keep_top": k, "float_params": extra,
-                         "float_params_fraction": extra / sum(r["params"] for r in layers), **mixed,
+            "proposed": {"keep_float": keep, "keep_top": k, "keep_budget": keep_budget, "float_params": extra,
+                         "float_params_fraction": extra / total, **mixed,
                          "command": cmd}}

@@ -14,7 +14,7 @@ from molmoact_edge.quantization.study import SEGMENTS, CandidateResult, summariz
 FORMAT = "molmoact-edge-study"
 FORMAT_VERSION = 1
 TASK_SUCCESS_NOTE = ("task success is not measured: it needs a trained policy (the demo policy of issue 16) and "
-                     "seeded simulated episodes; pass a task_success hook to study.run_study once one exists")
+                     "seeded simulated episodes; pass a task_success hook to quantization.study_run.run_study once one exists")
 
 
 def _clean(x):
@@ -93,8 +93,10 @@ def write_markdown(out: Path, report: dict) -> Path:
         lines += ["", "| group (all blocks together) | layers | KL | top-1 |", "|---|---|---|---|"]
         for r in sens["groups"]:
             lines.append(f"| {r['group']} | {r['layers']} | {r['kl']:.3g} | {r['top1_agreement']:.3f} |")
-        lines += ["", f"Proposed mixed precision: keep {p['keep_float']} in float ({p['float_params_fraction']:.1%} of "
-                      f"the linear parameters): simulated KL {p['kl']:.3g}, top-1 {p['top1_agreement']:.3f}.", "",
+        lines += ["", f"Proposed mixed precision (the most sensitive layers, at most {p['keep_top']}, within "
+                      f"{p['keep_budget']:.0%} of the linear parameters): keep {p['keep_float']} in float "
+                      f"({p['float_params_fraction']:.2%} of the linear parameters): simulated KL {p['kl']:.3g}, "
+                      f"top-1 {p['top1_agreement']:.3f}.", "",
                   f"    {p['command']}"]
     lines += ["", "## Task success", "", report["task_success_note"], "",
               "## How to read this", ""] + [f"- {n}" for n in report["notes"]]

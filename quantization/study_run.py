@@ -46,7 +46,8 @@ NOTES = [
 def run_study(reference: Path, candidates: list[Path], out: Path, data: Path | None = None, split: str = "evaluation",
               unnorm_key: str | None = None, samples: int | None = None, max_new_tokens: int = 256,
               threads: int | None = None, checkpoint: Path | None = None, sensitivity_scheme: str = "int4-rtn",
-              sensitivity_target: str = "onnxruntime", keep_top: int | None = None, calib: Path | None = None,
+              sensitivity_target: str = "onnxruntime", keep_top: int | None = None, keep_budget: float = 0.1,
+              calib: Path | None = None,
               calib_samples: int | None = None, task_success: Callable[[Path], dict | None] | None = None,
               progress: Callable[[str], None] | None = None) -> dict:
     """Write ``report.json``, ``report.md`` and the plots under ``out``; returns the report."""
@@ -72,7 +73,7 @@ def run_study(reference: Path, candidates: list[Path], out: Path, data: Path | N
 
         recipe = recipe_for(sensitivity_scheme, sensitivity_target)
         sens = layer_sensitivity(checkpoint, recipe, chosen, [a.ids for a in ref_answers], keep_top, calib,
-                                 calib_samples, progress)
+                                 calib_samples, keep_budget, progress)
     report = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "reference": {"path": str(reference), "scheme": study.scheme_of(Path(reference)),
