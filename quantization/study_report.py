@@ -13,6 +13,7 @@ from molmoact_edge.quantization.study import SEGMENTS, CandidateResult, summariz
 
 FORMAT = "molmoact-edge-study"
 FORMAT_VERSION = 1
+SMOOTH = 9
 TASK_SUCCESS_NOTE = ("task success is not measured: it needs a trained policy (the demo policy of issue 16) and "
                      "seeded simulated episodes; pass a task_success hook to quantization.study_run.run_study once one exists")
 
@@ -123,10 +124,12 @@ def write_plots(out: Path, results: list[CandidateResult], sensitivity: dict | N
         for i, (k, a) in enumerate(zip(r.positions_kl, r.positions_agree)):
             kl[i, :len(k)], dis[i, :len(a)] = k, ~a
         ax1.plot(np.arange(n), np.nanmean(kl, axis=0) + 1e-12, label=f"{r.label} ({r.scheme})", lw=1)
-        ax2.plot(np.arange(n), np.nanmean(dis, axis=0), label=r.label, lw=1)
+        rate = np.nan_to_num(np.nanmean(dis, axis=0))
+        w = min(SMOOTH, n)  # a few samples make a jagged rate; a short moving average shows the trend
+        ax2.plot(np.arange(n), np.convolve(rate, np.ones(w) / w, mode="same"), label=r.label, lw=1)
     ax1.set_yscale("log")
     ax1.set_ylabel("KL(ref || cand), nats\n(mean over samples)")
-    ax2.set_ylabel("top-1 disagreement\n(fraction of samples)")
+    ax2.set_ylabel(f"top-1 disagreement\n(fraction of samples,\n{SMOOTH}-token moving mean)")
     ax2.set_xlabel("answer token position (teacher-forced on the reference answer)")
     ax1.legend(fontsize=7)
     ax1.set_title("Error vs token position")
