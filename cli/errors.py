@@ -47,6 +47,7 @@ INSTALL = {
     "onnx": TORCH,
     "onnxscript": TORCH,
     "transformers": "pip install 'molmoact-edge[bench]'",
+    "matplotlib": "pip install 'molmoact-edge[study]'",
     "onnxruntime": "pip install 'molmoact-edge[robot]'",
     "pyrealsense2": "pip install 'molmoact-edge[robot]'",
     "franky": "pip install 'molmoact-edge[robot]'",

@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("molmoact_edge.export_cmd", "export a checkpoint to a bundle of ONNX graphs for the runtime"),
     "build": ("molmoact_edge.build_cmd", "build TensorRT engines into a bundle, or --check-only its graphs without TensorRT"),
     "quantize": ("molmoact_edge.quantize_cmd", "write a quantised bundle (fp16 / int8-wo / int4-rtn / fp8) with its recipe"),
+    "study": ("molmoact_edge.study_cmd", "compare quantised bundles with a reference: tokens, depth, trace, actions, "
+                                         "cost; per-layer sensitivity (report.md/json + plots)"),
     "run": ("molmoact_edge.run_cmd", "close the loop: cameras -> policy -> safety -> Franka arm (or franky-sim)"),
     "record": ("molmoact_edge.record_cmd", "record a RealSense camera to a .db3 file or an image folder"),
 }

@@ -24,7 +24,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="calibration set folder (default: the shipped set; data-free schemes only record it)")
     p.add_argument("--group-size", type=int, default=None,
                    help="INT4 group along the input dimension (power of two >= 16; default 128)")
+    p.add_argument("--keep-float", type=_layer_list, default=(), metavar="LAYER,...",
+                   help="linear layers to leave in float (mixed precision), named as in the manifest's "
+                        "linear_layers, e.g. lm_head,transformer.blocks.0.mlp.ff_out; `molmoact-edge study "
+                        "--checkpoint` proposes a list")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+
+
+def _layer_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated layer names, e.g. lm_head,transformer.blocks.0.mlp.ff_out")
+    return names
 
 
 def run(args) -> int:
@@ -40,7 +51,8 @@ def run(args) -> int:
     except (ValueError, NotImplementedError) as e:  # a scheme/target/group the recipes refuse: usage
         raise UsageError(str(e)) from e
     try:
-        out = quantize_bundle(args.checkpoint, args.out, recipe, calib=args.calib, force=args.force)
+        out = quantize_bundle(args.checkpoint, args.out, recipe, calib=args.calib, force=args.force,
+                              keep_float=args.keep_float)
     except (ConfigError, CheckpointError, CalibrationError, FileExistsError, ValueError) as e:
         raise CommandError(str(e)) from e
     print(out)

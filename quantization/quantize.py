@@ -121,12 +121,28 @@ def calibrated(recipe, reference, checkpoint: Path, cs, progress):
     raise TypeError(f"no calibration for {type(recipe).__name__}")
 
 
+def split_kept(layers: dict[str, str], keep_float) -> dict[str, str]:
+    """The linear layers (node -> layer) the recipe quantises: all but those kept in float.
+    Raises ValueError naming the graph's layers when a kept name is not one of them."""
+    keep = set(keep_float or ())
+    unknown = sorted(keep - set(layers.values()))
+    if unknown:
+        raise ValueError(f"--keep-float names {unknown}, which are not linear layers of this model; "
+                         f"accepted: {sorted(layers.values())}")
+    return {node: layer for node, layer in layers.items() if layer not in keep}
+
+
 def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str | Path | None = None,
                     base_bundle: str | Path | None = None, force: bool = False,
-                    progress: Callable[[str], None] | None = None) -> Path:
+                    progress: Callable[[str], None] | None = None, keep_float=()) -> Path:
     """Write a quantised bundle for ``recipe``. ``base_bundle``: an existing fp32 export of the same
-    checkpoint to start from (otherwise the checkpoint is exported first, into a temporary folder)."""
+    checkpoint to start from (otherwise the checkpoint is exported first, into a temporary folder).
+    ``keep_float``: linear layers (names as in ``linear_layers``) left in the bundle's float dtype,
+    a mixed-precision recipe (e.g. the one the study's sensitivity ranking proposes)."""
     checkpoint, out = Path(checkpoint), Path(out)
+    keep_float = tuple(dict.fromkeys(keep_float or ()))
+    if keep_float and isinstance(recipe, FloatRecipe):
+        raise ValueError("fp16 quantises no layer; --keep-float applies to the quantising schemes")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
     say = progress or Progress(0).out
@@ -153,6 +169,7 @@ def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str 
         manifest = json.loads((src / MANIFEST).read_text())
         llm = onnx.load(str(src / manifest["graphs"]["llm"]["file"]))
         layers = onnx_passes.name_linear_weights(llm, ref, gemm_to_matmul=isinstance(recipe, (WeightOnlyRecipe, AwqRecipe)))
+        all_layers, layers = layers, split_kept(layers, keep_float)
         if isinstance(recipe, Fp8Recipe):
             step(f"calibrating on {cs.path} ({recipe.max_samples or len(cs.split('calibration'))} samples)")
             recipe = calibrated(recipe, ref, checkpoint, cs, lambda s: say("  " + s))
@@ -164,6 +181,7 @@ def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str 
             calib_info["samples"] = inputs.samples
             step("exporting the LLM graph of the smoothed model")
             llm, layers = smoothed_llm(checkpoint, recipe, manifest["opset"], work)
+            all_layers, layers = layers, split_kept(layers, keep_float)
             extra, smoothing = _scales_file(recipe.smooth)
         step(f"applying {recipe.scheme} to {len(layers)} linear layers")
         if isinstance(recipe, SmoothQuantRecipe):
@@ -189,8 +207,12 @@ def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str 
         elif isinstance(recipe, Fp8Recipe):
             llm = onnx_passes.quantize_fp8_qdq(llm, layers, dict(recipe.act_amax))
         step(f"writing {out}")
-        quantization = {**recipe.describe(), "calibration": calib_info, "tools": _tool_versions(),
-                        "linear_layers": sorted(layers.values()),
+        described = recipe.describe()
+        if keep_float:  # the mixed-precision part, recorded like the recipe's own exceptions
+            described["kept_in_higher_precision"] = [*described.get("kept_in_higher_precision", []),
+                                                     *(f"{layer}: {dtype}" for layer in keep_float)]
+        quantization = {**described, "calibration": calib_info, "tools": _tool_versions(),
+                        "keep_float": list(keep_float), "linear_layers": sorted(all_layers.values()),
                         "fp32_bytes": reference_bytes(ref), "bytes": bundle_bytes(src, llm)}
         if smoothing is not None:
             quantization["smoothing"] = smoothing
