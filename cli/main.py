@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("molmoact_edge.export_cmd", "export a checkpoint to a bundle of ONNX graphs for the runtime"),
     "quantize": ("molmoact_edge.quantize_cmd", "write a quantised bundle (fp16 / int8-wo / int4-rtn / fp8) with its recipe"),
     "run": ("molmoact_edge.run_cmd", "close the loop: cameras -> policy -> safety -> Franka arm (or franky-sim)"),
+    "eval": ("molmoact_edge.eval_cmd", "task success over seeded episodes in the rendered franky-sim tabletop"),
     "record": ("molmoact_edge.record_cmd", "record a RealSense camera to a .db3 file or an image folder"),
 }
 

@@ -69,6 +69,11 @@ class SceneRenderer:
         self.intrinsics: Intrinsics = camera_intrinsics()
         self._mj = mujoco
         self.model = mujoco.MjModel.from_xml_string(scene_mjcf(scene))
+        # Software GL: no shadow maps and no multisampling (they made a frame cost ~0.1 s of CPU,
+        # which the simulator and the model on the same cores cannot spare).
+        self.model.vis.quality.offsamples = 0
+        self.model.vis.quality.shadowsize = 0
+        self.model.light_castshadow[:] = 0
         self.data = mujoco.MjData(self.model)
         self.model.vis.global_.offwidth = max(self.model.vis.global_.offwidth, self.intrinsics.width)
         self.model.vis.global_.offheight = max(self.model.vis.global_.offheight, self.intrinsics.height)

@@ -70,17 +70,34 @@ def test_expert_reaches_the_goal_in_bounded_steps():
 
 
 @pytest.mark.sim
-def test_one_expert_episode_in_the_rendered_scene(tmp_path):
+def test_eval_cli_runs_one_expert_episode_in_the_rendered_scene(tmp_path, capsys):
     if not sim_available():
         pytest.skip("franky-sim / franky-control not installed: pip install molmoact-edge[robot,test]")
-    from molmoact_edge.runtime.control.evaluate import EvalConfig, expert_spec, run_episode
+    import json
 
-    ep = run_episode(1000, expert_spec, EvalConfig(limit_s=20.0), gif_path=tmp_path / "ep.gif")
-    assert ep.instruction == Scene.from_seed(1000).instruction
-    assert ep.gif is not None and (tmp_path / "ep.gif").stat().st_size > 0
-    if ep.fault is not None:
+    from molmoact_edge.main import main
+
+    code = main(["eval", "--policy", "expert", "--episodes", "1", "--seed", "1000", "--limit", "20",
+                 "--gif-dir", str(tmp_path), "--json"])
+    assert code == 0
+    d = json.loads(capsys.readouterr().out)
+    assert 0.0 <= d["success_rate"] <= 1.0 and len(d["per_episode"]) == 1
+    ep = d["per_episode"][0]
+    assert ep["seed"] == 1000 and ep["instruction"] == Scene.from_seed(1000).instruction
+    assert ep["gif"] and (tmp_path / "episode-1000.gif").stat().st_size > 0  # the rendered camera's frames
+    if ep["fault"] is not None:
         # franky-sim on a starved CPU: only the arm's own stops are tolerated (as in the other sim tests)
-        assert ep.fault.startswith(("arm_error", "workspace_exit")), ep.fault
+        assert ep["fault"].startswith(("arm_error", "workspace_exit")), ep["fault"]
     else:
-        assert ep.success and ep.reason == "until", ep.to_dict()
-        assert ep.final_distance_m <= SUCCESS_RADIUS_M and ep.steps >= 1
+        assert d["success_rate"] == 1.0 and ep["reason"] == "until", ep
+        assert ep["final_distance_m"] <= SUCCESS_RADIUS_M and ep["steps"] >= 1
+
+
+def test_eval_cli_usage_errors(capsys):
+    from molmoact_edge.main import main
+
+    assert main(["eval", "--policy", "molmoact"]) == 2
+    assert "--bundle" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's own refusal
+        main(["eval", "--policy", "expert", "--seed", "-1"])
+    assert e.value.code == 2

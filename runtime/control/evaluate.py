@@ -36,6 +36,9 @@ class EvalConfig:
     limit_s: float = EPISODE_LIMIT_S
     dynamics: float = 0.1
     fps: float = 10.0
+    # Stream slowly: franky-sim on a starved CPU runs below real time, and a target moving at wall-clock
+    # speed then outruns its planner (issue 11 item 3); the expert moves at 0.1 m/s.
+    max_speed_m_s: float = 0.15
     worker: str = "thread"
     n_objects: int = 3
     frame_timeout_s: float = 2.0  # the renderer shares two CPU cores with the simulator and the model
@@ -91,7 +94,7 @@ def run_episode(seed: int, spec_for: Callable[[Scene], PolicySpec], config: Eval
             cam.wait_first_frame(60.0)
             if gif_path is not None:
                 cam.subscribe(lambda f: frames.append(f.color.copy()))
-            safety = _fit_speeds(SafetyConfig(dynamics_factor=config.dynamics), arm)
+            safety = _fit_speeds(SafetyConfig(dynamics_factor=config.dynamics, max_speed_m_s=config.max_speed_m_s), arm)
             with tempfile.TemporaryDirectory(prefix="molmoact-eval-") as tmp:
                 log_path = Path(tmp) / "episode.jsonl"
                 loop_config = LoopConfig(
