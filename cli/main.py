@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("molmoact_edge.quantize_cmd", "write a quantised bundle (fp16 / int8-wo / int4-rtn / fp8) with its recipe"),
     "run": ("molmoact_edge.run_cmd", "close the loop: cameras -> policy -> safety -> Franka arm (or franky-sim)"),
     "eval": ("molmoact_edge.eval_cmd", "task success over seeded episodes in the rendered franky-sim tabletop"),
+    "train-demo": ("molmoact_edge.train_cmd", "train the demo policy on expert data rendered in the franky-sim tabletop"),
+    "demo-policy": ("molmoact_edge.demo_policy_cmd", "write the demo policy's checkpoint (official layout) from its compact weights"),
     "record": ("molmoact_edge.record_cmd", "record a RealSense camera to a .db3 file or an image folder"),
 }
 
