@@ -45,7 +45,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where inference runs (default: process for molmoact, thread for expert)")
     p.add_argument("--gif-dir", type=Path, default=None, help="write an animated GIF of the first --gif-episodes here")
     p.add_argument("--gif-episodes", type=positive_int, default=1)
+    p.add_argument("--trace-frames", type=positive_int, default=None, metavar="K",
+                   help="instead of closed-loop episodes: run the bundle on K rendered frames per seed (poses on the "
+                        "expert's path) and report how often the last trace point lies within 10%% of the image "
+                        "width of the named object's projected centre")
     p.add_argument("--json", action="store_true", help="print one JSON object (success_rate, per-episode results)")
+
+
+def _trace_accuracy(args, seeds: list[int]) -> int:
+    import numpy as np
+
+    from molmoact_edge.hardware.render_camera import SceneRenderer  # noqa: F401  (first: headless GL)
+    from molmoact_edge.export.demo_data import heldout_frames
+    from molmoact_edge.hardware.scene import camera_intrinsics
+    from molmoact_edge.runtime.engine.parser import trace_to_pixels
+    from molmoact_edge.runtime.engine.pipeline import open_bundle
+
+    intr = camera_intrinsics()
+    rows = []
+    with open_bundle(args.bundle) as pipe:
+        for rgb, instruction, obj_px, _ in heldout_frames(seeds, args.trace_frames):
+            res = pipe.act([rgb], instruction, max_new_tokens=args.max_new_tokens, max_actions=args.max_actions,
+                           unnorm_key=args.unnorm_key)
+            err = None
+            if res.trace:
+                last = trace_to_pixels(res.trace, intr.width, intr.height)[-1]
+                err = float(np.linalg.norm(last - obj_px)) / intr.width
+            rows.append({"instruction": instruction, "trace": res.trace, "error_fraction_of_width": err,
+                         "hit": err is not None and err <= 0.1, "parse_errors": res.parse_errors})
+    hit = sum(r["hit"] for r in rows) / len(rows)
+    d = {"bundle": args.bundle, "frames": len(rows), "trace_hit_rate": hit, "per_frame": rows}
+    print(json.dumps(d) if args.json else f"last trace point within 10% of the image width of the named object: "
+          f"{sum(r['hit'] for r in rows)}/{len(rows)} ({100 * hit:.0f}%)")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +104,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from e
     seeds = [args.seed + i for i in range(args.episodes)]
+    if args.trace_frames is not None:
+        if args.policy != "molmoact":
+            raise UsageError("--trace-frames measures a bundle's traces; use it with --policy molmoact --bundle B")
+        if args.seed < 1000:
+            raise UsageError("--trace-frames uses held-out scenes: --seed must be >= 1000")
+        return _trace_accuracy(args, seeds)
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     if args.seed < 1000:
         say(f"note: seeds below 1000 are the demo policy's training seeds (first seed {args.seed})")

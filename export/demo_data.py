@@ -210,3 +210,22 @@ def generate(out_dir: str | Path, cfg: DataConfig, tokenizer, progress=lambda *a
 
 def read_samples(data_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in (Path(data_dir) / "samples.jsonl").read_text().splitlines() if line]
+
+
+def heldout_frames(seeds, per_seed: int = 2):
+    """(rgb, instruction, object_px, ee) at the expert's path poses of evaluation scenes (seeds >= 1000),
+    for measuring where the policy's trace ends; never written as training data."""
+    from molmoact_edge.hardware.render_camera import SceneRenderer
+
+    bad = [s for s in seeds if s < TRAIN_SEEDS_BELOW]
+    if bad:
+        raise ValueError(f"held-out frames come from seeds >= {TRAIN_SEEDS_BELOW}, got {bad[:5]}")
+    cfg = DataConfig(seeds=(), path_samples=per_seed, random_samples=0)
+    for seed in seeds:
+        scene = Scene.from_seed(seed)
+        renderer = SceneRenderer(scene)
+        poser = ArmPoser(renderer)
+        for ee in _positions(scene, cfg, np.random.default_rng(seed)):
+            rgb, _ = renderer.render(poser.pose(ee))
+            yield rgb, scene.instruction, project(scene.target_object.centre)[0], ee
+        renderer.close()
