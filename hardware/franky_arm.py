@@ -40,7 +40,8 @@ FCI_PORT = 1337  # libfranka's command port; the gripper uses 1338
 UNREACHABLE_FIX = (
     "Check that the robot is powered and unlocked, FCI is activated in Desk, the network path works "
     "(`ping {host}`; the workstation must be on the robot's subnet), and no other process is "
-    "connected to it. For the simulator run `franky-sim --simulator mujoco` (it prints the address) "
+    "connected to it. For the simulator run `python -m molmoact_edge.hardware.sim_launch --simulator mujoco` (it "
+    "prints the address; plain `franky-sim` lets franky run away, see README) "
     "or use --robot sim."
 )
 

@@ -8,9 +8,9 @@ waits until it accepts connections and kills it on exit. It is test-only equipme
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -54,10 +54,11 @@ def free_loopback_host() -> str:
 
 
 def franky_sim_command() -> list[str]:
-    exe = shutil.which("franky-sim") or str(Path(sys.executable).with_name("franky-sim"))
-    if not Path(exe).exists():
+    """franky-sim's server through `sim_launch`, which keeps it in step with libfranka and makes it report
+    the commanded motion as a Franka does."""
+    if importlib.util.find_spec("franky_sim") is None:
         raise SimError("franky-sim is not installed: `pip install molmoact-edge[sim]` (or `pip install franky-sim`)")
-    return [exe]
+    return [sys.executable, "-m", "molmoact_edge.hardware.sim_launch"]
 
 
 class SimServer:
@@ -98,19 +99,34 @@ class SimServer:
         self.kill()
         raise SimError(f"franky-sim did not come up on {self.host} within {self.start_timeout_s:.0f} s:\n{self.log_text[-2000:]}")
 
-    def kill(self) -> None:
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass  # gone meanwhile
+
+    def _ended_within(self, timeout_s: float) -> bool:
+        try:
+            self.proc.wait(timeout=timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def kill(self, timeout_s: float = 1.0) -> None:
         """SIGKILL, as a crashed server would vanish (used by the fault-injection tests too)."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+            self._signal(signal.SIGKILL)
+            self._ended_within(timeout_s)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 2.0) -> None:
+        """End the server within about `timeout_s`: SIGTERM, then SIGKILL for the rest of the time.
+
+        A server that outlives both is not waited for: it gets SIGKILL when this process exits
+        (PR_SET_PDEATHSIG), so close() never blocks."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.kill()
+            self._signal(signal.SIGTERM)
+            if not self._ended_within(timeout_s / 2):
+                self.kill(timeout_s / 2)
         if self._log is not None:
             self._log.close()
             os.unlink(self._log.name)

@@ -76,8 +76,8 @@ def started_run(tmp_path):
         assert proc.poll() is None, (tmp_path / "out.txt").read_text()
         kids = children(proc.pid)
         names = " | ".join(cmdline(k) for k in kids)
-        # franky-sim, the inference worker and multiprocessing's resource tracker
-        assert "franky-sim" in names and "resource_tracker" in names and "spawn_main" in names, names
+        # franky-sim (through sim_launch), the inference worker and multiprocessing's resource tracker
+        assert "sim_launch" in names and "resource_tracker" in names and "spawn_main" in names, names
         yield proc, log, kids
     finally:
         if proc.poll() is None:

@@ -161,3 +161,35 @@ def test_close_is_bounded_when_the_link_is_lost_and_libfranka_blocks(sim):  # no
         assert took["s"] <= 3.0 + 2.0  # its stated bound, plus scheduling slack on a loaded machine
     finally:
         os.killpg(sim.proc.pid, signal.SIGCONT)
+
+
+def test_sim_close_spends_at_most_its_timeout_on_a_server_that_will_not_die():
+    """close() waits on the process twice (after SIGTERM, then after SIGKILL), a few seconds in all,
+    and returns even when both waits run out (it waited up to 5 + 10 s, then raised)."""
+    import subprocess
+
+    from molmoact_edge.hardware.sim import SimServer
+
+    class Stubborn:
+        """A real process group to signal, whose end is never observed (wait always times out)."""
+
+        def __init__(self):
+            self._child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+            self.pid = self._child.pid
+            self.waits = []
+
+        def poll(self):
+            return None
+
+        def wait(self, timeout=None):
+            self.waits.append(timeout)
+            raise subprocess.TimeoutExpired("franky-sim", timeout)
+
+    server = SimServer(host="127.0.0.1")
+    server.proc = Stubborn()
+    try:
+        server.close()
+        assert len(server.proc.waits) == 2 and sum(server.proc.waits) <= 3.0
+    finally:
+        server.proc._child.kill()
+        server.proc._child.wait()
