@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--convention", default=None, help="action-convention preset instead of the unnorm key's own")
     p.add_argument("--episodes", type=positive_int, default=20)
     p.add_argument("--seed", type=_seed, default=1000, help="first seed; episode i uses seed+i (>= 1000: never trained on)")
-    p.add_argument("--limit", type=positive_float, default=30.0, help="seconds per episode")
+    p.add_argument("--limit", type=positive_float, default=30.0, help="simulated seconds per episode")
     p.add_argument("--max-new-tokens", type=positive_int, default=512)
     p.add_argument("--max-actions", type=positive_int, default=8)
     p.add_argument("--worker", choices=["thread", "process"], default=None,
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"note: seeds below 1000 are the demo policy's training seeds (first seed {args.seed})")
 
     def on_episode(ep):
-        what = f"success in {ep.time_to_success_s:.1f} s" if ep.success else \
+        what = f"success in {ep.time_to_success_s:.1f} s (simulated; {ep.wall_time_to_success_s:.1f} s host)" if ep.success else \
             f"failed ({ep.fault or ep.reason}; closest {100 * ep.min_distance_m:.1f} cm)"
         lat = ep.to_dict()["step_latency_ms"]["median"]
         say(f"seed {ep.seed}: {ep.instruction!r}: {what}, {ep.steps} steps, median step latency "

@@ -85,6 +85,9 @@ class StateFile:
 def serve(host: str, seed: int, state_path: str, n_objects: int) -> None:
     from franky_sim import SimulationServer
 
+    from .sim_launch import install
+
+    install()  # franky-sim in lockstep with libfranka, reporting the commanded twist as a Franka does
     scene = Scene.from_seed(seed, n_objects)
     sim = build_simulator()
     with sim:

@@ -85,12 +85,10 @@ def test_eval_cli_runs_one_expert_episode_in_the_rendered_scene(tmp_path, capsys
     ep = d["per_episode"][0]
     assert ep["seed"] == 1000 and ep["instruction"] == Scene.from_seed(1000).instruction
     assert ep["gif"] and (tmp_path / "episode-1000.gif").stat().st_size > 0  # the rendered camera's frames
-    if ep["fault"] is not None:
-        # franky-sim on a starved CPU: only the arm's own stops are tolerated (as in the other sim tests)
-        assert ep["fault"].startswith(("arm_error", "workspace_exit")), ep["fault"]
-    else:
-        assert d["success_rate"] == 1.0 and ep["reason"] == "until", ep
-        assert ep["final_distance_m"] <= SUCCESS_RADIUS_M and ep["steps"] >= 1
+    # franky-sim runs in lockstep with franky (hardware/sim_launch.py) and the limit is simulated time,
+    # so a loaded CPU slows the episode down but does not change its outcome
+    assert ep["fault"] is None and ep["reason"] == "success" and d["success_rate"] == 1.0, ep
+    assert ep["final_distance_m"] <= SUCCESS_RADIUS_M and ep["steps"] >= 1
 
 
 def test_eval_cli_usage_errors(capsys):
