@@ -81,6 +81,18 @@ def _trace_accuracy(args, seeds: list[int]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
+
+    from molmoact_edge.run_cmd import _sigterm_as_interrupt
+
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # SIGTERM takes Ctrl-C's stop path
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     from molmoact_edge.runtime.control.evaluate import EvalConfig, evaluate, expert_spec
     from molmoact_edge.runtime.control.policy import PolicySpec
 

@@ -115,3 +115,23 @@ def test_eval_trace_frames_measures_a_bundle_on_held_out_frames(bundle_a, capsys
     row = d["per_frame"][0]
     assert row["instruction"] == Scene.from_seed(1000).instruction and row["trace"]  # the grammar always yields one
     assert main(["eval", "--bundle", str(bundle_a), "--seed", "5", "--trace-frames", "1"]) == 2  # training seeds
+
+
+def test_an_interrupted_episode_ends_the_evaluation(monkeypatch):
+    # Ctrl-C/SIGTERM reach the control loop, which stops the arm and returns "interrupted"; the
+    # evaluation must end there instead of starting the next episode's simulator.
+    from molmoact_edge.runtime.control import evaluate as ev
+
+    ran = []
+
+    def fake_episode(seed, spec_for, config, gif):
+        ran.append(seed)
+        return ev.EpisodeResult(seed=seed, instruction="", success=False, time_to_success_s=None,
+                                wall_time_to_success_s=None, final_distance_m=1.0, min_distance_m=1.0,
+                                reason="interrupted", fault="interrupted: interrupted by SIGTERM", steps=0,
+                                ticks=0, commands=0)
+
+    monkeypatch.setattr(ev, "run_episode", fake_episode)
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate([1000, 1001, 1002], ev.expert_spec, "expert")
+    assert ran == [1000]

@@ -189,6 +189,8 @@ def evaluate(seeds: list[int], spec_for: Callable[[Scene], PolicySpec], policy_n
         report.episodes.append(ep)
         if on_episode is not None:
             on_episode(ep)
+        if ep.reason == "interrupted":  # the loop took Ctrl-C/SIGTERM and stopped the arm: end the evaluation
+            raise KeyboardInterrupt(ep.fault or "interrupted")
     return report
 
 
