@@ -135,3 +135,18 @@ def test_an_interrupted_episode_ends_the_evaluation(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         ev.evaluate([1000, 1001, 1002], ev.expert_spec, "expert")
     assert ran == [1000]
+
+
+def test_state_file_never_returns_a_half_written_state(tmp_path):
+    # The simulator publishes qpos through a sequence-locked file; a reader that sees an odd sequence
+    # (a write in progress) must not return the torn record.
+    from molmoact_edge.hardware.scene_server import StateFile
+
+    w = StateFile(tmp_path / "s.bin", 4, create=True)
+    r = StateFile.open_reader(tmp_path / "s.bin")
+    assert r.nq == 4 and r.read() is None  # nothing published yet
+    w.write(np.arange(4.0))
+    assert np.array_equal(r.read(), np.arange(4.0))
+    w._mm[0] += 1  # a writer stopped mid-write
+    w._mm[2:] = -1.0
+    assert r.read(tries=3) is None
