@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0, help="weight initialisation and sample order")
+    p.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every this many steps")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from molmoact_edge.export.demo_data import NORM_STATS
 
     try:
-        tconf = TrainConfig(steps=args.steps, lr=args.lr, threads=args.threads, seed=args.seed)
+        tconf = TrainConfig(steps=args.steps, lr=args.lr, threads=args.threads, seed=args.seed,
+                            save_every=max(0, args.save_every))
     except ValueError as e:
         raise UsageError(str(e)) from e
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
@@ -65,12 +67,17 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(ckpt, data, tconf)
     say(f"training {len(trainer.samples)} samples, {tconf.steps} steps, loss over {len(trainer.support)} "
         "support tokens")
-    summary = trainer.train(say)
-    sd = trainer.state_dict()
-    write_weights(ckpt, sd)
-    meta = {"size": size_dict(DEMO_SIZE), "norm_stats": NORM_STATS, "train": summary,
-            "seeds": [0, args.seeds - 1]}
-    npz = save_compact(sd, trainer.support.numpy(), set(trainer.rows.tolist()), out / "demo-policy.npz", meta)
+
+    def save(step: int, summary: dict | None = None):
+        sd = trainer.state_dict()
+        write_weights(ckpt, sd)
+        meta = {"size": size_dict(DEMO_SIZE), "norm_stats": NORM_STATS, "train": summary or {"steps_done": step},
+                "seeds": [0, args.seeds - 1]}
+        say(f"step {step}: wrote {ckpt}")
+        return save_compact(sd, trainer.support.numpy(), set(trainer.rows.tolist()), out / "demo-policy.npz", meta)
+
+    summary = trainer.train(say, on_save=save)
+    npz = save(tconf.steps, summary)
     summary.update(checkpoint=str(ckpt), compact=str(npz), compact_bytes=npz.stat().st_size)
     print(json.dumps(summary))
     return 0

@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     log_every: int = 50
+    save_every: int = 0  # also call on_save every this many steps (0: only at the end)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or not (0 < self.lr < 1) or self.warmup < 0:
@@ -185,7 +186,7 @@ class Trainer:
     def parameters(self):
         return [p for p in self.model.parameters() if p.requires_grad] + [self.embed_rows, self.head_rows]
 
-    def train(self, progress=print) -> dict:
+    def train(self, progress=print, on_save=None) -> dict:
         c = self.config
         torch.set_num_threads(c.threads)
         params = self.parameters()
@@ -209,6 +210,8 @@ class Trainer:
             if (step + 1) % c.log_every == 0 or step == c.steps - 1:
                 progress(f"step {step + 1}/{c.steps}: loss {np.mean(losses[-c.log_every:]):.4f} "
                          f"({time.monotonic() - t0:.0f} s)")
+            if on_save is not None and c.save_every and (step + 1) % c.save_every == 0 and step + 1 < c.steps:
+                on_save(step + 1)
         return {"steps": c.steps, "samples": len(self.samples), "seconds": time.monotonic() - t0,
                 "final_loss": float(np.mean(losses[-c.log_every:]))}
 
