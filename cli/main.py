@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "study": ("molmoact_edge.study_cmd", "compare quantised bundles with a reference: tokens, depth, trace, actions, "
                                          "cost; per-layer sensitivity (report.md/json + plots)"),
     "run": ("molmoact_edge.run_cmd", "close the loop: cameras -> policy -> safety -> Franka arm (or franky-sim)"),
+    "eval": ("molmoact_edge.eval_cmd", "task success over seeded episodes in the rendered franky-sim tabletop"),
+    "train-demo": ("molmoact_edge.train_cmd", "train the demo policy on expert data rendered in the franky-sim tabletop"),
+    "demo-policy": ("molmoact_edge.demo_policy_cmd", "write the demo policy's checkpoint (official layout) from its compact weights"),
     "record": ("molmoact_edge.record_cmd", "record a RealSense camera to a .db3 file or an image folder"),
 }
 

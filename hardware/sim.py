@@ -78,11 +78,15 @@ class SimServer:
         self._log.flush()
         return Path(self._log.name).read_text(errors="replace")
 
+    def command(self) -> list[str]:
+        """The server's command line (a subclass may run a franky-sim with its own scene)."""
+        return franky_sim_command() + ["--simulator", self.simulator, "--hostname", self.host]
+
     def start(self) -> SimServer:
         self._log = tempfile.NamedTemporaryFile("w+", prefix="franky-sim-", suffix=".log", delete=False)
         env = dict(os.environ, PYTHONUNBUFFERED="1")  # headless: MuJoCo loads no GL unless rendering
         self.proc = subprocess.Popen(
-            franky_sim_command() + ["--simulator", self.simulator, "--hostname", self.host],
+            self.command(),
             stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=_detach_and_die_with_parent,
         )
         deadline = time.monotonic() + self.start_timeout_s

@@ -110,6 +110,9 @@ CONVENTIONS: dict[str, ActionConvention] = {
     # WidowX BridgeData V2: base-frame deltas, roll/pitch/yaw, 5 Hz.
     "bridge_orig": replace(_OPENX, control_period_s=0.2),
 }
+# The demo policy's simulated tabletop (runtime/control/expert.py, hardware/scene.py): base-frame
+# deltas in metres, no rotation (the gripper stays pointing down), 1 = open, 10 Hz.
+CONVENTIONS["franka_tabletop_demo"] = replace(_OPENX, control_period_s=0.1)
 for _suite in ("spatial", "object", "goal", "10"):
     # LIBERO (robosuite OSC_POSE): inputs in [-1, 1] scaled by 0.05 m and 0.5 rad, axis-angle
     # rotation, 20 Hz; OpenVLA's conversion flips the gripper to 1 open / 0 closed.

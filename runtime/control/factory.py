@@ -26,6 +26,13 @@ def build_policy(spec: PolicySpec) -> Policy:
         except TypeError as e:
             raise PolicyUnavailable(f"bad MolmoAct policy options {sorted(spec.options)}: {e}") from None
         policy: Policy = MolmoActPolicy(config)
+    elif spec.kind == "expert":
+        from molmoact_edge.runtime.control.expert import ExpertConfig, ExpertPolicy
+
+        try:
+            policy = ExpertPolicy(ExpertConfig(**spec.options))
+        except TypeError as e:
+            raise PolicyUnavailable(f"bad expert policy options {sorted(spec.options)}: {e}") from None
     else:
         policy = ScriptedPolicy(spec.scripted)
     if spec.drill.kind != "none":

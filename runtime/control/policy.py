@@ -198,7 +198,7 @@ class PolicySpec:
     drill: FaultDrill = FaultDrill()
     options: dict[str, Any] = field(default_factory=dict)
 
-    KINDS = ("scripted", "molmoact")
+    KINDS = ("scripted", "molmoact", "expert")  # expert: sim-only, privileged (runtime/control/expert.py)
 
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:

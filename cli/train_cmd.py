@@ -1,0 +1,83 @@
+"""`molmoact-edge train-demo`: train the demo policy on expert data from the rendered tabletop.
+
+    molmoact-edge train-demo --out DIR [--seeds 200] [--steps 3000]
+
+Writes DIR/data (rendered samples in MolmoAct's answer format, training seeds 0..N-1, all < 1000),
+DIR/checkpoint (official MolmoAct layout, loadable and exportable like a released checkpoint) and
+DIR/demo-policy.npz (the compact form that `molmoact-edge demo-policy --weights` expands). Runs on
+the CPU with torch; nice it on a shared machine (`nice -n 10 molmoact-edge train-demo ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from molmoact_edge.argtypes import positive_int
+from molmoact_edge.errors import UsageError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="folder for the data, the checkpoint and the compact weights")
+    p.add_argument("--seeds", type=positive_int, default=200, help="training scenes: seeds 0..N-1 (N <= 1000)")
+    p.add_argument("--path-samples", type=positive_int, default=6, help="frames per scene along the expert's path")
+    p.add_argument("--random-samples", type=int, default=4, help="frames per scene from random arm positions")
+    p.add_argument("--steps", type=positive_int, default=3000, help="optimiser steps (one sample each)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="weight initialisation and sample order")
+    p.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every this many steps")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.seeds > 1000:
+        raise UsageError(f"--seeds {args.seeds}: training seeds must stay below 1000 (evaluation uses 1000 and up)")
+    if args.random_samples < 0:
+        raise UsageError("--random-samples must be >= 0")
+    from molmoact_edge.hardware.render_camera import SceneRenderer  # noqa: F401  (first: headless GL for MuJoCo)
+    from molmoact_edge.export.demo_data import DataConfig, generate
+    from molmoact_edge.export.train_demo import (
+        DEMO_SIZE,
+        TrainConfig,
+        Trainer,
+        init_checkpoint,
+        save_compact,
+        size_dict,
+        write_weights,
+    )
+    from molmoact_edge.export.demo_data import NORM_STATS
+
+    try:
+        tconf = TrainConfig(steps=args.steps, lr=args.lr, threads=args.threads, seed=args.seed,
+                            save_every=max(0, args.save_every))
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    out = args.out
+    data, ckpt = out / "data", out / "checkpoint"
+    ckpt_init = init_checkpoint(ckpt, args.seed)
+    from molmoact_edge.runtime.engine.tokenizer import Tokenizer
+
+    if not (data / "samples.jsonl").exists():
+        say(f"rendering expert samples for seeds 0..{args.seeds - 1} into {data}")
+        generate(data, DataConfig(seeds=tuple(range(args.seeds)), path_samples=args.path_samples,
+                                  random_samples=args.random_samples), Tokenizer.from_checkpoint(ckpt_init), say)
+    trainer = Trainer(ckpt, data, tconf)
+    say(f"training {len(trainer.samples)} samples, {tconf.steps} steps, loss over {len(trainer.support)} "
+        "support tokens")
+
+    def save(step: int, summary: dict | None = None):
+        sd = trainer.state_dict()
+        write_weights(ckpt, sd)
+        meta = {"size": size_dict(DEMO_SIZE), "norm_stats": NORM_STATS, "train": summary or {"steps_done": step},
+                "seeds": [0, args.seeds - 1]}
+        say(f"step {step}: wrote {ckpt}")
+        return save_compact(sd, trainer.support.numpy(), set(trainer.rows.tolist()), out / "demo-policy.npz", meta)
+
+    summary = trainer.train(say, on_save=save)
+    npz = save(tconf.steps, summary)
+    summary.update(checkpoint=str(ckpt), compact=str(npz), compact_bytes=npz.stat().st_size)
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,284 @@
+"""Train the demo policy: a small MolmoAct (same architecture, small widths) on the expert data.
+
+Teacher forcing on (rendered image, instruction, answer) samples from export/demo_data.py, with the
+prompt built exactly as the runtime builds it (runtime/engine/prompt.py, the real tokenizer, the
+single-view template the control loop uses for one camera).
+
+Loss over the grammar's support, not the 152k vocabulary: the cross-entropy of each answer token is
+taken over `support_ids()`, every token that can appear in an answer of this policy (the official
+glue wording, all 128 depth codes, every number 0..255 of a trace, every action string in every
+list context, the brackets and EOS). At run time the output grammar masks every step, so these
+are the only tokens that can compete where the answer is structured; all of them have been pushed
+down by the loss wherever they were wrong. The LM-head rows of every other token are zero in the
+written checkpoint (so their logit is exactly 0) and the compact form stores only the support rows.
+
+The compact form (`save_compact`) keeps all non-embedding weights plus the embedding rows of the
+tokens the prompt and answers use and the LM-head rows of the support, in float16 with an .npz;
+`expand_compact` writes the official checkpoint layout from it (zeros elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from molmoact_edge.export.demo_data import (
+    ACTION_GLUE,
+    DEPTH_GLUE,
+    END_GLUE,
+    N_BINS,
+    NORM_STATS,
+    TRACE_GLUE,
+    action_strings,
+    answer_text,
+    read_samples,
+)
+from molmoact_edge.export.model import CAUSAL, MolmoAct, rope_tables
+from molmoact_edge.export.tiny import (
+    PREPROCESSOR_CONFIG,
+    PROCESSOR_CONFIG,
+    TinySize,
+    config_dict,
+    random_state_dict,
+    write_checkpoint,
+)
+from molmoact_edge.runtime.engine.config import ImageProcessorConfig, ModelConfig, ProcessorConfig
+from molmoact_edge.runtime.engine.prompt import build_inputs
+from molmoact_edge.runtime.engine.tokenizer import Tokenizer
+
+# Small widths: hundreds of thousands of weights besides the embedding rows; trains on 2 CPU cores.
+DEMO_SIZE = TinySize(vit_hidden=64, vit_heads=2, vit_mlp=128, vit_layers=10, adapter_heads=2,
+                     projector_hidden=128, llm_hidden=128, llm_heads=4, llm_kv_heads=2, llm_mlp=256,
+                     llm_layers=4)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    lr: float = 1e-3
+    warmup: int = 100
+    seed: int = 0
+    threads: int = 2
+    log_every: int = 50
+    save_every: int = 0  # also call on_save every this many steps (0: only at the end)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or not (0 < self.lr < 1) or self.warmup < 0:
+            raise ValueError(f"TrainConfig: steps >= 1, 0 < lr < 1 and warmup >= 0 required, got {self}")
+
+
+def support_ids(tokenizer: Tokenizer) -> np.ndarray:
+    """Every token id an answer of this policy can contain (see the module docstring): the tokens of
+    whole answers in the official wording that together use every number and every action bin in
+    every position of a list."""
+    sp = tokenizer.special
+    table = action_strings(tokenizer)
+    codes = list(range(100))
+    texts = []
+    for v in range(256):
+        w = (v * 7 + 3) % 256
+        texts.append(answer_text(codes, [[v, w], [w, v], [v, v]], np.array([[0] * 7]), table))
+    for b in range(N_BINS - 1):
+        row = np.array([b, 127, b, 254, b, 0, b])
+        texts.append(answer_text(codes, [[1, 2]], np.stack([row, row[::-1], np.full(7, b)]), table))
+        texts.append(answer_text(codes, [[1, 2]], np.full((1, 7), b), table))
+    ids = {sp.eos, sp.depth_start, sp.depth_end, *sp.depth_codes}
+    for t in texts:
+        ids.update(tokenizer.encode(t))
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+def prompt_vocab(tokenizer: Tokenizer, image_cfg: ImageProcessorConfig, proc_cfg: ProcessorConfig) -> set[int]:
+    """Token ids of every prompt this task can pose (each colour and shape): their embedding rows are kept."""
+    from molmoact_edge.hardware.scene import COLOURS, SHAPES
+
+    blank = np.zeros((240, 320, 3), dtype=np.uint8)
+    ids: set[int] = set()
+    for c in COLOURS:
+        for s in SHAPES:
+            ids.update(build_inputs([blank], f"move to the {c} {s}", tokenizer, image_cfg, proc_cfg).input_ids.tolist())
+    return ids
+
+
+class Trainer:
+    def __init__(self, checkpoint_dir: Path, data_dir: Path, config: TrainConfig) -> None:
+        from PIL import Image  # noqa: F401  (fail early if Pillow is missing)
+
+        self.config = config
+        self.dir = Path(checkpoint_dir)
+        self.cfg = ModelConfig.load(self.dir)
+        self.image_cfg = ImageProcessorConfig.load(self.dir)
+        self.proc_cfg = ProcessorConfig.load(self.dir)
+        self.tok = Tokenizer.from_checkpoint(self.dir)
+        self.data_dir = Path(data_dir)
+        self.samples = read_samples(data_dir)
+        if not self.samples:
+            raise ValueError(f"{data_dir} holds no samples; generate some with `molmoact-edge train-demo --data`")
+        torch.manual_seed(config.seed)
+        from molmoact_edge.export.checkpoint import load_model
+
+        self.model = load_model(self.dir, torch.float32).train()
+        self.support = torch.from_numpy(support_ids(self.tok))
+        self.index = torch.full((len(self.tok),), -1, dtype=torch.long)
+        self.index[self.support] = torch.arange(len(self.support))
+        # Only the used rows of the two 152k-row tables are trained (an optimiser step over all
+        # 2 x 19 M entries would cost more than the model itself).
+        self.vocab = self.cfg.llm.vocab_size
+        rows = sorted(prompt_vocab(self.tok, self.image_cfg, self.proc_cfg) | set(self.support.tolist()))
+        self.rows = torch.tensor([r for r in rows if r < self.vocab], dtype=torch.long)
+        self.row_index = torch.full((self.vocab,), -1, dtype=torch.long)
+        self.row_index[self.rows] = torch.arange(len(self.rows))
+        m = self.model
+        m.model.transformer.wte.embedding.requires_grad_(False)
+        m.lm_head.weight.requires_grad_(False)
+        self.embed_rows = torch.nn.Parameter(m.model.transformer.wte.embedding[self.rows].clone())
+        self.head_rows = torch.nn.Parameter(m.lm_head.weight[self.support].clone())
+
+    def _example(self, s: dict):
+        from PIL import Image
+
+        image = np.asarray(Image.open(self.data_dir / s["image"]).convert("RGB"))
+        inputs = build_inputs([image], s["instruction"], self.tok, self.image_cfg, self.proc_cfg)
+        answer = self.tok.encode(s["answer"]) + [self.tok.special.eos]
+        return inputs, torch.tensor(answer, dtype=torch.long)
+
+    def loss(self, s: dict) -> torch.Tensor:
+        inputs, answer = self._example(s)
+        targets = self.index[answer]
+        if (targets < 0).any():
+            bad = answer[targets < 0].tolist()
+            raise ValueError(f"answer tokens {bad[:5]} are outside the support; support_ids() misses a context")
+        m = self.model
+        prompt = torch.from_numpy(inputs.input_ids)
+        ids = torch.cat([prompt, answer[:-1]])[None]
+        feats = m.image_features(torch.from_numpy(inputs.vision.crops), torch.from_numpy(inputs.vision.pooled_patches_idx))
+        x = self._embed(ids, feats)
+        pos = torch.arange(ids.shape[1])
+        cos, sin = rope_tables(m.config.llm.head_dim, m.config.llm.rope_theta, pos)
+        h = m.model.transformer.run(x, cos, sin, CAUSAL, lambda i: (lambda k, v: (k, v)))
+        rows = h[0, len(prompt) - 1:]
+        logits = rows @ self.head_rows.T
+        return F.cross_entropy(logits, targets)
+
+    def _embed(self, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """model.embed with the trained rows: base-vocabulary ids from `embed_rows`, image tokens from
+        the new_embedding table, image features added at the <im_patch> positions."""
+        v = self.vocab
+        base = ids < v
+        r = self.row_index[ids.clamp(max=v - 1)]
+        if bool((base & (r < 0)).any()):
+            raise ValueError(f"prompt tokens {ids[base & (r < 0)].tolist()[:5]} have no trained row; prompt_vocab() misses them")
+        x = torch.where(base[..., None], self.embed_rows[r.clamp(min=0)],
+                        self.model.model.transformer.wte.new_embedding[(ids - v).clamp(min=0)])
+        is_patch = ids[0] == self.cfg.image_patch_id
+        x = x.clone()
+        x[0, is_patch] = x[0, is_patch] + feats.to(x.dtype)
+        return x
+
+    def parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad] + [self.embed_rows, self.head_rows]
+
+    def train(self, progress=print, on_save=None) -> dict:
+        c = self.config
+        torch.set_num_threads(c.threads)
+        params = self.parameters()
+        opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=0.0)
+        rng = random.Random(c.seed)
+        order: list[dict] = []
+        t0, losses = time.monotonic(), []
+        for step in range(c.steps):
+            if not order:
+                order = list(self.samples)
+                rng.shuffle(order)
+            lr = c.lr * min(1.0, (step + 1) / max(1, c.warmup)) * 0.5 * (1 + math.cos(math.pi * step / c.steps))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = self.loss(order.pop())
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            if (step + 1) % c.log_every == 0 or step == c.steps - 1:
+                progress(f"step {step + 1}/{c.steps}: loss {np.mean(losses[-c.log_every:]):.4f} "
+                         f"({time.monotonic() - t0:.0f} s)")
+            if on_save is not None and c.save_every and (step + 1) % c.save_every == 0 and step + 1 < c.steps:
+                on_save(step + 1)
+        return {"steps": c.steps, "samples": len(self.samples), "seconds": time.monotonic() - t0,
+                "final_loss": float(np.mean(losses[-c.log_every:]))}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights, with the LM-head rows outside the support zeroed (their logit is exactly 0)."""
+        sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        sd[HEAD] = torch.zeros_like(sd[HEAD])
+        sd[HEAD][self.support] = self.head_rows.detach()
+        sd[EMBED][self.rows] = self.embed_rows.detach()
+        return sd
+
+
+def init_checkpoint(out_dir: Path, seed: int = 0) -> Path:
+    """A fresh demo-size checkpoint in the official layout (random weights, the demo norm_stats)."""
+    return write_checkpoint(out_dir, DEMO_SIZE, seed, dtype=torch.float32, norm_stats=NORM_STATS)
+
+
+def write_weights(checkpoint_dir: Path, sd: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.to(torch.float32).contiguous() for k, v in sd.items()}, str(Path(checkpoint_dir) / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+# -- the compact, shipped form ------------------------------------------------------------------
+EMBED = "model.transformer.wte.embedding"
+HEAD = "lm_head.weight"
+
+
+def save_compact(sd: dict[str, torch.Tensor], support: np.ndarray, embed_rows: set[int], path: Path,
+                 meta: dict) -> Path:
+    """float16 .npz: every weight except the two vocabulary tables, whose used rows only are kept."""
+    rows = np.array(sorted(set(int(i) for i in embed_rows) | set(int(i) for i in support)), dtype=np.int64)
+    arrays = {k: v.numpy().astype(np.float16) for k, v in sd.items() if k not in (EMBED, HEAD)}
+    arrays["__embed_rows"] = rows
+    arrays["__embed"] = sd[EMBED].numpy()[rows].astype(np.float16)
+    arrays["__head_rows"] = np.asarray(support, dtype=np.int64)
+    arrays["__head"] = sd[HEAD].numpy()[support].astype(np.float16)
+    arrays["__meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    path = Path(path)
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def expand_compact(npz_path: Path, out_dir: Path) -> Path:
+    """Write the official checkpoint layout (config, tokenizer, processor files, model.safetensors)."""
+    z = np.load(npz_path)
+    meta = json.loads(bytes(z["__meta"]).decode())
+    size = TinySize(**meta["size"])
+    d = write_checkpoint(out_dir, size, 0, dtype=torch.float32, norm_stats=meta["norm_stats"])
+    cfg = ModelConfig.load(d)
+    sd = random_state_dict(cfg, 0, torch.float32)  # shapes; every value is replaced below
+    for k in sd:
+        if k in (EMBED, HEAD):
+            t = torch.zeros_like(sd[k])
+            rows = torch.from_numpy(z["__embed_rows" if k == EMBED else "__head_rows"])
+            t[rows] = torch.from_numpy(z["__embed" if k == EMBED else "__head"].astype(np.float32))
+            sd[k] = t
+        else:
+            sd[k] = torch.from_numpy(z[k].astype(np.float32))
+    write_weights(d, sd)
+    return d
+
+
+def size_dict(size: TinySize) -> dict:
+    return {k: getattr(size, k) for k in TinySize.__dataclass_fields__}
+
+
+__all__ = ["DEMO_SIZE", "TrainConfig", "Trainer", "init_checkpoint", "save_compact", "expand_compact",
+           "support_ids", "prompt_vocab", "config_dict", "PREPROCESSOR_CONFIG"]

@@ -1,0 +1,75 @@
+"""Expert data in MolmoAct's format: every answer is read back by the runtime's own parser and
+accepted by its output grammar, with the values the expert meant (within one bin)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from molmoact_edge.hardware.render_camera import SceneRenderer  # noqa: F401  (first: MuJoCo's headless GL)
+from molmoact_edge.export.demo_data import (
+    CHUNK,
+    NORM_STATS,
+    STEP_M,
+    DataConfig,
+    generate,
+    read_samples,
+)
+from molmoact_edge.hardware.scene import camera_intrinsics
+from molmoact_edge.runtime.control.convention import convention_for
+from molmoact_edge.runtime.control.expert import DEMO_UNNORM_KEY, expert_actions
+from molmoact_edge.runtime.engine.actions import ActionDecoder
+from molmoact_edge.runtime.engine.config import ActionStats
+from molmoact_edge.runtime.engine.grammar import OutputGrammar
+from molmoact_edge.runtime.engine.parser import parse_step, trace_to_pixels
+from molmoact_edge.runtime.engine.tokenizer import Tokenizer
+
+
+
+@pytest.fixture(scope="module")
+def tok(fixture_a):
+    return Tokenizer.from_checkpoint(fixture_a / "checkpoint")  # the real tokenizer
+
+
+@pytest.fixture(scope="module")
+def data(tok, tmp_path_factory):
+    out = generate(tmp_path_factory.mktemp("demo-data"), DataConfig(seeds=(3, 4), path_samples=2, random_samples=1), tok)
+    return out, read_samples(out)
+
+
+def _decoder(tok):
+    return ActionDecoder(base_vocab=tok.rust.get_vocab(with_added_tokens=False),
+                         base_vocab_size=tok.special.base_vocab_size,
+                         stats=ActionStats.from_json(DEMO_UNNORM_KEY, NORM_STATS[DEMO_UNNORM_KEY]),
+                         unnorm_key=DEMO_UNNORM_KEY)
+
+
+def test_answers_parse_to_what_the_expert_meant(tok, data):
+    out, samples = data
+    assert len(samples) == 2 * 3 and all((out / s["image"]).is_file() for s in samples)
+    dec = _decoder(tok)
+    intr = camera_intrinsics()
+    for s in samples:
+        p = parse_step(s["answer"], dec, depth_codes=100, codebook_size=128)
+        assert p.ok, p.parse_errors
+        assert len(p.depth) == 100 and len(p.trace) == 5 and p.actions.shape == (CHUNK, 7)
+        want = expert_actions(np.array(s["ee"]), np.array(s["goal"]), STEP_M, CHUNK)
+        bin_width = 2 * STEP_M / 255
+        assert np.abs(p.actions[:, :3] - want[:, :3]).max() <= bin_width
+        assert np.all(p.actions[:, 3:6] == 0.0)
+        assert convention_for(DEMO_UNNORM_KEY).closedness(p.actions[0, 6]) < 0.01  # open
+        last = trace_to_pixels(p.trace, intr.width, intr.height)[-1]
+        assert np.linalg.norm(last - np.array(s["object_px"])) < 0.1 * intr.width
+
+
+def test_answers_are_accepted_by_the_output_grammar(tok, data):
+    _, samples = data
+    g = OutputGrammar.from_tokenizer(tok, 7, max_actions=CHUNK, decoder=_decoder(tok))
+    for s in samples:
+        ids = tok.encode(s["answer"]) + [tok.special.eos]
+        assert g.start().accepts(ids, complete=True), s["answer"][:200]
+
+
+def test_evaluation_seeds_are_never_training_data():
+    with pytest.raises(ValueError, match="never"):
+        DataConfig(seeds=(999, 1000))

@@ -1,0 +1,84 @@
+"""The demo policy's training path at a tiny size: data generation, teacher-forced training that
+lowers the loss, the official-layout checkpoint the loader accepts, and the compact form that
+`demo-policy` expands back into it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import import_or_skip
+
+torch = import_or_skip("torch", "export")
+
+from molmoact_edge.hardware.render_camera import SceneRenderer  # noqa: E402,F401  (first: MuJoCo's headless GL)
+from molmoact_edge.export.demo_data import DataConfig, generate, read_samples  # noqa: E402
+from molmoact_edge.export.train_demo import (  # noqa: E402
+    EMBED,
+    HEAD,
+    TrainConfig,
+    Trainer,
+    init_checkpoint,
+    support_ids,
+)
+from molmoact_edge.runtime.engine.tokenizer import Tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from molmoact_edge.main import main
+
+    out = tmp_path_factory.mktemp("train-demo")
+    code = main(["train-demo", "--out", str(out), "--seeds", "1", "--path-samples", "1", "--random-samples", "0",
+                 "--steps", "1"])
+    assert code == 0
+    return out
+
+
+def test_train_demo_writes_a_loadable_checkpoint_and_its_compact_form(tiny_run, tmp_path):
+    from molmoact_edge.export.checkpoint import load_model
+    from molmoact_edge.main import main
+    from molmoact_edge.runtime.control.convention import convention_for
+    from molmoact_edge.runtime.engine.config import ModelConfig
+
+    ckpt = tiny_run / "checkpoint"
+    cfg = ModelConfig.load(ckpt)
+    key = cfg.resolve_unnorm_key(None)  # one key: what `run --policy molmoact` picks without --unnorm-key
+    assert key == "franka_tabletop_demo" and convention_for(key).delta_frame == "base"
+    trained = load_model(ckpt).state_dict()
+    npz = tiny_run / "demo-policy.npz"
+    assert npz.stat().st_size < 8e6  # a few MB, not the 2 x 152k-row tables
+    assert main(["demo-policy", "--weights", str(npz), "--out", str(tmp_path / "expanded")]) == 0
+    expanded = load_model(tmp_path / "expanded").state_dict()
+    support = support_ids(Tokenizer.from_checkpoint(ckpt))
+    for k, v in trained.items():
+        e = expanded[k]
+        if k == HEAD:
+            assert torch.allclose(e[support], v[support], atol=2e-3)
+            off = np.setdiff1d(np.arange(v.shape[0]), support)
+            assert not e[off].any() and not v[off].any()  # tokens the loss never saw score exactly 0
+        elif k == EMBED:
+            continue  # only the rows the prompts and answers use are kept
+        else:
+            assert torch.allclose(e, v, atol=2e-3, rtol=1e-3), k
+
+
+@pytest.mark.slow
+def test_teacher_forcing_lowers_the_loss(tiny_run):
+    tr = Trainer(tiny_run / "checkpoint", tiny_run / "data", TrainConfig(steps=3, lr=3e-3, warmup=0, log_every=1))
+    sample = tr.samples[0]
+    with torch.no_grad():
+        before = float(tr.loss(sample))
+    tr.train(lambda *a: None)  # one sample: every step sees it
+    with torch.no_grad():
+        after = float(tr.loss(sample))
+    assert after < before
+
+
+def test_train_demo_refuses_evaluation_seeds(capsys):
+    from molmoact_edge.main import main
+
+    assert main(["train-demo", "--out", "/nonexistent", "--seeds", "1001"]) == 2
+    assert "below 1000" in capsys.readouterr().err
