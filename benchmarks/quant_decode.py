@@ -44,7 +44,7 @@ def params_7b() -> dict[str, int]:
 def _lm_head_graph(llm_path: Path, hidden: int):
     """The lm_head node of a bundle's LLM graph as a graph of its own (same op, same weights)."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import helper
 
     m = onnx.load(str(llm_path))
     node = next(n for n in m.graph.node if n.name.startswith("linear/lm_head") or
