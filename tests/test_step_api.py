@@ -16,7 +16,6 @@ pytest.importorskip("torch", reason="the torch side: pip install '.[export]' (ab
 from conftest import GoldenCase
 from control_helpers import check_commands, sim, write_folder  # noqa: F401  (sim is a fixture)
 
-from molmoact_edge.export.onnx_export import export_bundle
 from molmoact_edge.export.torch_backend import open_checkpoint
 from molmoact_edge.runtime.engine.bundle import sha256_file
 from molmoact_edge.runtime.engine.events import ActionComplete
@@ -140,6 +139,7 @@ def test_nan_model_ends_the_step_with_an_error(nan_bundle, fixture_a):
 def test_nan_model_never_moves_the_arm(sim, nan_bundle, tmp_path):  # noqa: F811
     from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
     from molmoact_edge.hardware.replay import ReplayConfig, open_replay
+    from molmoact_edge.runtime.control.executor import WatchdogConfig
     from molmoact_edge.runtime.control.loop import ControlLoop, LoopConfig
     from molmoact_edge.runtime.control.policy import PolicySpec
     from molmoact_edge.runtime.control.runlog import read_log
@@ -151,9 +151,11 @@ def test_nan_model_never_moves_the_arm(sim, nan_bundle, tmp_path):  # noqa: F811
     safety = SafetyConfig(dynamics_factor=0.2)
     log_path = tmp_path / "run.jsonl"
     spec = PolicySpec(kind="molmoact", options={"bundle": str(nan_bundle), "max_actions": 2})
-    # A niced worker loading the bundle took over 60 s at load 20: its start-up is not this test's subject.
+    # At load 20 a niced worker took over 60 s to load the bundle, and a replay frame aged 2.6 s: neither is
+    # this test's subject.
     cfg = LoopConfig(instruction="close the box", rate_hz=rate, safety=safety,
                      worker=WorkerConfig(mode="process", start_timeout_s=300.0),
+                     watchdog=WatchdogConfig(frame_timeout_s=10.0),
                      log_path=str(log_path), max_duration_s=8.0, status_interval_s=1e9)
     with open_replay(ReplayConfig(str(tmp_path / "frames"), loop=True)) as cam, \
             FrankyArm(FrankyConfig(sim.host, dynamics_factor=safety.dynamics_factor,
