@@ -105,7 +105,7 @@ def fake_quant_activation(x: torch.Tensor, scale: float, zero_point: int, qmin: 
 def apply_smoothquant(model: MolmoAct, recipe: SmoothQuantRecipe) -> MolmoAct:
     """Fold the recipe's smoothing scales, then fake-quantise each transformer-layer linear's weight
     (INT8 per channel) and its input (static per tensor, the recipe's own scale and zero point)."""
-    from molmoact_edge.quantization.smoothing import fold_scales
+    from molmoact_edge.quantization.folding import fold_scales
 
     fold_scales(model, recipe.smooth)
     for name, lin in llm_linears(model).items():
@@ -129,7 +129,7 @@ def simulated_model(checkpoint: str | Path, recipe) -> MolmoAct:
     if isinstance(recipe, SmoothQuantRecipe):
         return apply_smoothquant(load_model(checkpoint, torch.float32), recipe)
     if isinstance(recipe, AwqRecipe):
-        from molmoact_edge.quantization.smoothing import fold_scales
+        from molmoact_edge.quantization.folding import fold_scales
 
         return apply_recipe(fold_scales(load_model(checkpoint, torch.float32), recipe.smooth), recipe.weights)
     raise TypeError(f"no simulation for recipe {type(recipe).__name__}")
