@@ -15,15 +15,23 @@ from molmoact_edge.export.model import MolmoAct
 from molmoact_edge.quantization.recipes import AwqRecipe, Fp8Recipe, FloatRecipe, SmoothQuantRecipe, WeightOnlyRecipe
 
 
-def fake_quant_weight(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """``w`` [out, in] -> the dequantised weight under the recipes' rounding rule (recipes.py):
-    ``group`` consecutive inputs share a scale (the last group may be shorter), in float32."""
+def fake_quant_weight(w: torch.Tensor, bits: int, group: int, rule: str = "peak") -> torch.Tensor:
+    """``w`` [out, in] -> the dequantised weight under the recipes' rounding rule ``rule`` (recipes.py:
+    "peak" for the onnxruntime target, "absmax" for tensorrt): ``group`` consecutive inputs share a
+    scale (the last group may be shorter), in float32."""
+    if rule not in ("peak", "absmax"):
+        raise ValueError(f"unknown weight rule {rule!r}; accepted: 'peak' (onnxruntime), 'absmax' (tensorrt)")
     out_f, k = w.shape
     zp = 2 ** (bits - 1)
     w = w.float()
     res = torch.empty_like(w)
     for s in range(0, k, group):
         blk = w[:, s:s + group]
+        if rule == "absmax":
+            scale = blk.abs().amax(dim=1, keepdim=True) / (zp - 1)
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            res[:, s:s + group] = torch.clamp(torch.round(blk / scale), 1 - zp, zp - 1) * scale
+            continue
         hi, lo = blk.max(dim=1, keepdim=True).values, blk.min(dim=1, keepdim=True).values
         peak = torch.where(hi.abs() > lo.abs(), hi, lo)
         scale = peak / -zp
@@ -51,7 +59,7 @@ def apply_recipe(model: MolmoAct, recipe: WeightOnlyRecipe) -> MolmoAct:
     for name, lin in llm_linears(model).items():
         r = recipe.head_recipe() if name == "lm_head" else recipe
         k = lin.weight.shape[1]
-        lin.weight.copy_(fake_quant_weight(lin.weight, r.bits, r.group_for(k)).to(lin.weight.dtype))
+        lin.weight.copy_(fake_quant_weight(lin.weight, r.bits, r.group_for(k), r.scale_rule).to(lin.weight.dtype))
     return model
 
 

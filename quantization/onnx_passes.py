@@ -227,9 +227,12 @@ def _require_opset(model: onnx.ModelProto, version: int) -> None:
     model.ir_version = max(model.ir_version, 10)
 
 
-def symmetric_codes(w_t: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """[K, N] float weight -> (int8 codes q in [-2^(b-1), 2^(b-1)-1] [K, N], float32 scales
-    [ceil(K/group), N]) under the recipes' rounding rule (recipes.py)."""
+def symmetric_codes(w_t: np.ndarray, bits: int, group: int, rule: str = "absmax") -> tuple[np.ndarray, np.ndarray]:
+    """[K, N] float weight -> (int8 codes [K, N], float32 scales [ceil(K/group), N]) under the
+    recipes' weight rule ``rule`` (recipes.py). "absmax", the TensorRT target's, gives scales > 0 and
+    codes in [-(2^(b-1) - 1), 2^(b-1) - 1]; "peak" (onnxruntime's) signed scales, codes from -2^(b-1)."""
+    if rule not in ("peak", "absmax"):
+        raise ValueError(f"unknown weight rule {rule!r}; accepted: 'peak' (onnxruntime), 'absmax' (tensorrt)")
     k, n = w_t.shape
     z = np.float32(2 ** (bits - 1))
     w = w_t.astype(np.float32)
@@ -237,11 +240,16 @@ def symmetric_codes(w_t: np.ndarray, bits: int, group: int) -> tuple[np.ndarray,
     scales = np.empty((-(-k // group), n), dtype=np.float32)
     for b, s in enumerate(range(0, k, group)):
         blk = w[s:s + group]
-        hi, lo = blk.max(axis=0), blk.min(axis=0)
-        scale = (np.where(np.abs(hi) > np.abs(lo), hi, lo) / -z).astype(np.float32)
-        inv = np.zeros_like(scale)
-        inv[scale != 0] = np.float32(1) / scale[scale != 0]
-        q[s:s + group] = (np.clip(np.floor(blk * inv + z + np.float32(0.5)), 0, 2 * z - 1) - z).astype(np.int8)
+        if rule == "absmax":
+            scale = (np.abs(blk).max(axis=0) / (z - np.float32(1))).astype(np.float32)
+            scale[~(scale > 0)] = 1
+            q[s:s + group] = np.clip(np.round(blk / scale), 1 - z, z - 1).astype(np.int8)
+        else:
+            hi, lo = blk.max(axis=0), blk.min(axis=0)
+            scale = (np.where(np.abs(hi) > np.abs(lo), hi, lo) / -z).astype(np.float32)
+            inv = np.zeros_like(scale)
+            inv[scale != 0] = np.float32(1) / scale[scale != 0]
+            q[s:s + group] = (np.clip(np.floor(blk * inv + z + np.float32(0.5)), 0, 2 * z - 1) - z).astype(np.int8)
         scales[b] = scale
     return q, scales
 
@@ -249,7 +257,8 @@ def symmetric_codes(w_t: np.ndarray, bits: int, group: int) -> tuple[np.ndarray,
 def quantize_weight_only_qdq(model: onnx.ModelProto, layers: dict[str, str], recipe: WeightOnlyRecipe) -> onnx.ModelProto:
     """The TensorRT form of a weight-only recipe: the weight stored as INT8 (per output channel,
     DequantizeLinear axis=1) or INT4 (blockwise along K, DequantizeLinear block_size, opset 21)
-    feeding the unchanged MatMul."""
+    feeding the unchanged MatMul; scales under the recipe's rule ("absmax": positive, as TensorRT
+    requires)."""
     import ml_dtypes
 
     g = model.graph
@@ -263,7 +272,7 @@ def quantize_weight_only_qdq(model: onnx.ModelProto, layers: dict[str, str], rec
         w_t = numpy_helper.to_array(inits[base])
         k = w_t.shape[0]
         group = r.group_for(k)
-        q, scales = symmetric_codes(w_t, r.bits, group)
+        q, scales = symmetric_codes(w_t, r.bits, group, r.scale_rule)
         g.initializer.remove(inits[base])
         if r.granularity == "per-channel":
             codes, attrs, scale = q, {"axis": 1}, scales[0]

@@ -238,7 +238,7 @@ def smoothing_calibrated(recipe, reference, checkpoint: Path, cs, progress):
     else:
         w = recipe.weights
         scales, alphas = awq_search(reference, inputs.channel_mean, inputs.rows, w.bits, w.group_for, recipe.grid,
-                                    progress=progress)
+                                    progress=progress, rule=w.scale_rule)
         recipe = dataclasses.replace(recipe, smooth=scales, alphas=alphas)
     act_amax = {k: float((inputs.channel_amax[k] / recipe.smooth[k]).max()) for k in recipe.smooth}
     return recipe, inputs, act_amax

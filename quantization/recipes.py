@@ -25,7 +25,14 @@ Rounding rule (symmetric, float32 arithmetic; the rule of onnxruntime's MatMulNB
 which matters because bf16 checkpoints put many weights exactly on a rounding tie): with z = 2^(b-1),
 peak = the group's max if |max| > |min| else its min, scale = peak / -z, and each weight is stored
 as code = clip(floor(w * (1 / scale) + z + 0.5), 0, 2z - 1), i.e. it dequantises to
-(code - z) * scale. Ties round up; the peak lands exactly on a code.
+(code - z) * scale. Ties round up; the peak lands exactly on a code. That rule is the
+``onnxruntime`` target's (``scale_rule`` "peak"). Its scale is NEGATIVE wherever the peak is
+positive, and TensorRT's Q/DQ importer refuses any non-positive constant scale; flipping the sign of
+scale and codes is not exact there, because the peak's code -2^(b-1) would become +2^(b-1), one past
+the signed range. So the ``tensorrt`` target (``scale_rule`` "absmax") uses the symmetric rule its
+INT8/INT4 engines are built from: scale = absmax / (2^(b-1) - 1) > 0 and code = clip(round(w / scale),
+-(2^(b-1) - 1), 2^(b-1) - 1), float32 division, ties to even; the absmax lands exactly on +-(2^(b-1) - 1)
+and the code -2^(b-1) goes unused. An all-zero group gets scale 1 (codes 0), still positive.
 """
 
 from __future__ import annotations
@@ -33,6 +40,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 TARGETS = ("onnxruntime", "tensorrt")
+# What the manifest says of each weight rule (module docstring); the key is WeightOnlyRecipe.scale_rule.
+SCALE_RULES = {
+    "peak": "onnxruntime's MatMulNBits rule: scale = peak / -2^(b-1) (signed); "
+            "code = clip(floor(w / scale + 2^(b-1) + 0.5), 0, 2^b - 1) - 2^(b-1), ties up",
+    "absmax": "TensorRT Q/DQ rule: scale = absmax / (2^(b-1) - 1) > 0 (1 for an all-zero group); "
+              "code = clip(round(w / scale), -(2^(b-1) - 1), 2^(b-1) - 1), ties to even",
+}
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,11 @@ class WeightOnlyRecipe:
         """Input features sharing one scale for a weight with K inputs (see the module docstring)."""
         return k if self.granularity == "per-channel" else min(self.group_size, k)
 
+    @property
+    def scale_rule(self) -> str:
+        """The target's weight rule (module docstring): "peak" (onnxruntime) or "absmax" (tensorrt)."""
+        return "peak" if self.target == "onnxruntime" else "absmax"
+
     def head_recipe(self) -> WeightOnlyRecipe:
         if self.lm_head_bits in (None, self.bits):
             return self
@@ -109,7 +128,7 @@ class WeightOnlyRecipe:
                 "components": {"transformer_layers": f"int{self.bits} {self.granularity}",
                                "lm_head": f"int{head.bits} {head.granularity}", "embeddings": "fp32",
                                "vision": "fp32"},
-                "kept_in_higher_precision": kept, "scale_rule": "symmetric: scale = peak / -2^(b-1); code = clip(floor(w / scale + 2^(b-1) + 0.5)), ties up",
+                "kept_in_higher_precision": kept, "scale_rule": SCALE_RULES[self.scale_rule],
                 "small_k_rule": "K < group: one group over the whole input dimension (per output channel)"}
 
 

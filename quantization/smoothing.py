@@ -57,12 +57,14 @@ def smoothquant_scales(model: MolmoAct, channel_amax: dict[str, np.ndarray], alp
     return out
 
 
-def layer_output_error(w: torch.Tensor, x: torch.Tensor, s: torch.Tensor | None, bits: int, group: int) -> float:
-    """|| Q(W diag(s)) (x / s) - W x ||^2 summed over the rows of ``x`` (s = None: plain RTN)."""
+def layer_output_error(w: torch.Tensor, x: torch.Tensor, s: torch.Tensor | None, bits: int, group: int,
+                       rule: str = "peak") -> float:
+    """|| Q(W diag(s)) (x / s) - W x ||^2 summed over the rows of ``x`` (s = None: plain RTN); Q under
+    the target's weight rule ``rule`` (recipes.py), so the search scores what the artifact stores."""
     ref = x @ w.T
     ws = w if s is None else w * s[None, :]
     xs = x if s is None else x / s[None, :]
-    return float(((xs @ fake_quant_weight(ws, bits, group).T - ref) ** 2).sum())
+    return float(((xs @ fake_quant_weight(ws, bits, group, rule).T - ref) ** 2).sum())
 
 
 def awq_candidate(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
@@ -75,7 +77,7 @@ def awq_candidate(mean_abs: np.ndarray, alpha: float) -> np.ndarray:
 @torch.no_grad()
 def awq_search(model: MolmoAct, channel_mean: dict[str, np.ndarray], rows: dict[str, np.ndarray], bits: int,
                group_for: Callable[[int], int], grid: int,
-               progress: Callable[[str], None] | None = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+               progress: Callable[[str], None] | None = None, rule: str = "peak") -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Per transformer-layer linear, the alpha in {0, 1/grid, ..., 1} whose scales minimise the
     quantised layer's output error on the calibration rows; returns (layer -> s, layer -> alpha)."""
     heads, kv_heads = _attn_geometry(model)
@@ -87,11 +89,11 @@ def awq_search(model: MolmoAct, channel_mean: dict[str, np.ndarray], rows: dict[
         mean = channel_mean[name]
         if name.endswith("attn_out"):
             mean = tie_gqa(mean, heads, kv_heads, "mean")
-        best = (layer_output_error(w, x, None, bits, group_for(w.shape[1])), 0.0, np.ones(w.shape[1], np.float32))
+        best = (layer_output_error(w, x, None, bits, group_for(w.shape[1]), rule), 0.0, np.ones(w.shape[1], np.float32))
         rtn = best[0]
         for a in range(1, grid + 1):
             s = awq_candidate(mean, a / grid)
-            err = layer_output_error(w, x, torch.from_numpy(s), bits, group_for(w.shape[1]))
+            err = layer_output_error(w, x, torch.from_numpy(s), bits, group_for(w.shape[1]), rule)
             if err < best[0]:
                 best = (err, a / grid, s)
         scales[name], alphas[name] = best[2], best[1]

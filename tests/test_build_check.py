@@ -36,12 +36,6 @@ def test_fixture_bundle_passes(bundle_a):
 
 # --- quantised forms that target TensorRT (quantize --target tensorrt) -------------------------------------
 
-NEGATIVE_SCALES = ("the quantiser writes signed scales (scale = signed peak / -2^(b-1), so that the peak maps to "
-                   "-2^(b-1) as in onnxruntime's kernels); TensorRT's Q/DQ importer requires every constant scale "
-                   "to be positive (onnx-tensorrt QuantDequantLinearHelper: 'Scale coefficients must all be "
-                   "positive'). A quantisation fix, not a checker fix (issue 12)")
-
-
 @pytest.fixture(scope="module")
 def quantised(checkpoint_a, tmp_path_factory):
     pytest.importorskip("torch", reason="quantising needs the torch side: pip install '.[export]'")
@@ -65,25 +59,47 @@ def quantised(checkpoint_a, tmp_path_factory):
     return make
 
 
+TRT_FORMS = ("fp16", "fp8", "int8-wo", "int4-rtn", "w8a8-sq", "int4-awq")
+
+
 @needs_torch
-@pytest.mark.parametrize("scheme", [
-    "fp16", "fp8",
-    pytest.param("int8-wo", marks=pytest.mark.xfail(strict=True, reason=NEGATIVE_SCALES)),
-    pytest.param("int4-rtn", marks=pytest.mark.xfail(strict=True, reason=NEGATIVE_SCALES)),
-])
+@pytest.mark.parametrize("scheme", TRT_FORMS)
 def test_tensorrt_quantised_forms_pass(quantised, scheme):
     out = build("--bundle", quantised(scheme), "--check-only")
     assert out.returncode == 0, out.stderr
 
 
+def _weight_dq_scales(bundle) -> dict[str, np.ndarray]:
+    """Every DequantizeLinear fed by a constant weight (not an activation's QuantizeLinear): node -> scale."""
+    model = onnx.load(str(bundle / "llm.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    return {n.name: numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+
+
 @needs_torch
-@pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn"])
-def test_signed_qdq_scales_are_named(quantised, scheme):
-    """What the xfail above is about, stated as it stands: each weight DequantizeLinear is named."""
-    out = build("--bundle", quantised(scheme), "--check-only")
-    assert out.returncode == 1
-    lines = [x for x in out.stderr.splitlines() if "(DequantizeLinear)" in x]
-    assert len(lines) == 9 and all("positive" in x for x in lines)  # 8 layer linears + lm_head
+@pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn", "w8a8-sq", "int4-awq", "fp8"])
+def test_every_weight_scale_of_a_tensorrt_form_is_positive(quantised, scheme):
+    """TensorRT refuses a Q/DQ scale <= 0 (issue 12): the tensorrt target's weight rule is absmax-based."""
+    scales = _weight_dq_scales(quantised(scheme))
+    assert len(scales) == (9 if scheme in ("int8-wo", "int4-rtn", "int4-awq") else 8)  # 8 layer linears (+ lm_head)
+    bad = {k: float(v.min()) for k, v in scales.items() if not (v > 0).all()}
+    assert bad == {}
+
+
+@needs_torch
+def test_a_negative_weight_scale_is_still_refused(quantised, tmp_path):
+    """The checker, not the quantiser, is what guards this: flip one channel's scale in a passing
+    int8-wo tensorrt form and the node is named."""
+    model = onnx.load(str(quantised("int8-wo") / "llm.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
+    scale = numpy_helper.to_array(inits[dq.input[1]]).copy()
+    scale[0] = -scale[0]
+    inits[dq.input[1]].CopyFrom(numpy_helper.from_array(scale, dq.input[1]))
+    onnx.save(model, str(tmp_path / "llm.onnx"))
+    bad = [f for f in check_graph(tmp_path / "llm.onnx", "llm")[0] if f.fatal]
+    assert [f.node for f in bad] == [dq.name] and "positive" in bad[0].why
 
 
 @needs_torch

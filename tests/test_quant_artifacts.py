@@ -21,7 +21,7 @@ from molmoact_edge.export.onnx_export import export_bundle
 from molmoact_edge.export.tiny import TinySize, write_checkpoint
 from molmoact_edge.export.torch_backend import TorchBackend
 from molmoact_edge.quantization.fake_quant import fake_quant_weight, simulated_model
-from molmoact_edge.quantization.onnx_passes import pack_int8_per_channel
+from molmoact_edge.quantization.onnx_passes import pack_int8_per_channel, symmetric_codes
 from molmoact_edge.quantization.quantize import bundle_bytes, quantize_bundle, recipe_from_bundle
 from molmoact_edge.quantization.recipes import recipe_for
 from molmoact_edge.runtime.engine.bundle import load_manifest
@@ -212,6 +212,7 @@ def test_tensorrt_form_is_explicit_qdq(models_a):
             assert all(a.get("block_size") == 32 or a.get("block_size") == 48 for a in attrs)  # K < 128: one block
         q = json.loads((bundle / "manifest.json").read_text())["quantization"]
         assert q["target"] == "tensorrt" and q["graph_opsets"]["llm"] == 21
+        assert "absmax / (2^(b-1) - 1) > 0" in q["scale_rule"]  # the rule per target (issue 12)
 
 
 def test_fp8_bundle_records_its_calibration(models_a):
@@ -286,6 +287,29 @@ def test_int8_scales_repeat_per_channel_over_blocks():
     assert (codes.reshape(8, -1)[:, 300:] == 128).all()  # padding is the code of zero
     deq = (codes.reshape(8, -1)[:, :300].astype(np.float32) - 128) * scales[:, :1]
     assert np.array_equal(deq, fake_quant_weight(torch.from_numpy(w_t.T.copy()), 8, 300).numpy())
+
+
+@pytest.mark.parametrize("bits,k,group", [(4, 200, 128), (4, 40, 40), (8, 96, 96)])
+def test_tensorrt_weight_rule_has_positive_scales_and_is_its_simulation(bits, k, group):
+    """The tensorrt target's stored codes and scales dequantise to exactly the simulation's weight,
+    every scale > 0 (an all-zero group included), the absmax lands on +-(2^(b-1) - 1); onnxruntime's
+    rule on the same weights has negative scales, which is why TensorRT needs its own (issue 12)."""
+    w = _bf16_weights(k, 24, seed=bits + k)
+    w[3] = 0
+    w_t = w.numpy().T.copy()
+    q, scales = symmetric_codes(w_t, bits, group, "absmax")
+    z = 2 ** (bits - 1)
+    assert (scales > 0).all() and np.abs(q).max() == z - 1 and q.min() >= 1 - z
+    deq = q.astype(np.float32) * np.repeat(scales, group, axis=0)[:k]
+    assert np.array_equal(deq, fake_quant_weight(w, bits, group, "absmax").numpy().T)
+    assert (symmetric_codes(w_t, bits, group, "peak")[1] < 0).any()
+    assert not np.array_equal(deq, fake_quant_weight(w, bits, group, "peak").numpy().T)
+
+
+def test_each_target_records_its_weight_rule():
+    for scheme in ("int8-wo", "int4-rtn", "int4-awq"):
+        ort, trt = (recipe_for(scheme, t).describe()["scale_rule"] for t in ("onnxruntime", "tensorrt"))
+        assert "peak / -2^(b-1)" in ort and "absmax / (2^(b-1) - 1) > 0" in trt
 
 
 def test_w8a8_tensorrt_quantises_like_its_simulation(models_a, fixture_a):
