@@ -108,3 +108,16 @@ def test_generate_parses_at_the_default_budget_on_every_fixture_case(fixture_a, 
     assert d["parse_errors"] == [], d["text"]
     assert len(d["depth"]) == 100 and len(d["actions"]) >= 1 and len(d["actions"][0]) == 7
     assert d["new_tokens"] <= (budget or 256)
+
+
+def test_a_budget_below_the_shortest_answer_is_refused_before_decoding(grammar):  # noqa: F811
+    """Seen in the quantisation study: --max-new-tokens 130 failed mid-answer with "no token of the
+    ... vocabulary is allowed in 'actions'"; a budget that cannot hold an answer is a usage error."""
+    shortest = grammar.start().min_to_finish()
+    grammar.start(max_tokens=shortest)  # exactly enough is fine
+    with pytest.raises(GrammarError, match=f"cannot hold a complete answer.*at least {shortest}"):
+        grammar.start(max_tokens=shortest - 1)
+    steer = [(120, 200), (140, 180), (1, 0)]
+    longer = grammar.start(trace=steer).min_to_finish()
+    with pytest.raises(GrammarError, match=f"at least {longer}"):
+        grammar.start(trace=steer, max_tokens=longer - 1)

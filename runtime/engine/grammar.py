@@ -328,7 +328,15 @@ class OutputGrammar:
                 raise GrammarError(f"steering trace must be 1-{TRACE_MAX_POINTS} (x, y) integer points in "
                                    f"0..{TRACE_MAX_VALUE}, got {trace!r}")
             target = tuple((int(x), int(y)) for x, y in pts)
-        return GrammarState(self, target, max_tokens)
+        state = GrammarState(self, target, max_tokens)
+        if max_tokens is not None and state.min_to_finish() > max_tokens:
+            # Refused here, before any forward: otherwise the cursor would run out of allowed tokens
+            # mid-answer and the step would fail with a message about a phase, not about the budget.
+            raise GrammarError(f"a budget of {max_tokens} new tokens cannot hold a complete answer: the shortest "
+                               f"this grammar allows is {state.min_to_finish()} tokens ({self.spec.depth_codes} depth codes, "
+                               f"one trace point, one action); raise --max-new-tokens to at least "
+                               f"{state.min_to_finish()}, or pass --no-grammar")
+        return state
 
     def number_ids(self, digits: str, field: int, more_points: bool) -> np.ndarray:
         key = (digits, field, more_points)
