@@ -42,21 +42,26 @@ def scene_256() -> np.ndarray:
     return synthetic_scene(256, 256)
 
 
-def qwen2_from_reference(model: MolmoAct):
-    """transformers' Qwen2ForCausalLM holding our LLM's weights (fused q|k|v and [up|gate] split)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def qwen2_config(model: MolmoAct, **extra):
+    """transformers' Qwen2Config of our LLM (the same widths, norms and RoPE)."""
+    from transformers import Qwen2Config
 
     c = model.config.llm
-    kwargs = dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                  num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                  num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, vocab_size=c.vocab_size,
-                  rms_norm_eps=c.layer_norm_eps, max_position_embeddings=c.max_position_embeddings,
-                  tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    cfg = Qwen2Config(**kwargs, rope_theta=c.rope_theta)
+    cfg = Qwen2Config(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                      num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                      num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, vocab_size=c.vocab_size,
+                      rms_norm_eps=c.layer_norm_eps, max_position_embeddings=c.max_position_embeddings,
+                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                      rope_theta=c.rope_theta, **extra)
     # transformers 5 keeps RoPE settings in rope_parameters; make sure theta landed there.
     if getattr(cfg, "rope_parameters", None) is not None:
         cfg.rope_parameters["rope_theta"] = c.rope_theta
-    hf = Qwen2ForCausalLM(cfg).to(model.lm_head.weight.dtype).eval()
+    return cfg
+
+
+def copy_llm_weights(model: MolmoAct, hf) -> None:
+    """Our LLM's weights into a Qwen2ForCausalLM (fused q|k|v and [up|gate] split into its layers)."""
+    c = model.config.llm
     H, kv, inter = c.hidden_size, c.kv_dim, c.intermediate_size
     t = model.model.transformer
     with torch.no_grad():
@@ -75,6 +80,14 @@ def qwen2_from_reference(model: MolmoAct):
             layer.post_attention_layernorm.weight.copy_(blk.ff_norm.weight)
         hf.model.norm.weight.copy_(t.ln_f.weight)
         hf.lm_head.weight.copy_(model.lm_head.weight)
+
+
+def qwen2_from_reference(model: MolmoAct):
+    """transformers' Qwen2ForCausalLM holding our LLM's weights."""
+    from transformers import Qwen2ForCausalLM
+
+    hf = Qwen2ForCausalLM(qwen2_config(model)).to(model.lm_head.weight.dtype).eval()
+    copy_llm_weights(model, hf)
     return hf
 
 

@@ -23,7 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from molmoact_edge.benchmarks.decode_loop import copy_bandwidth_gbs, decode_bytes_per_token
+from molmoact_edge.benchmarks.decode_loop import (
+    copy_bandwidth_gbs,
+    copy_llm_weights,
+    decode_bytes_per_token,
+    qwen2_config,
+)
 from molmoact_edge.export.model import MolmoAct
 from molmoact_edge.export.tiny import TinySize, config_dict
 from molmoact_edge.export.torch_backend import StaticDecode
@@ -79,17 +84,10 @@ def random_model(size: str, device: torch.device, dtype: torch.dtype, seed: int 
 @torch.no_grad()
 def qwen2_on_device(model: MolmoAct):
     """transformers' Qwen2ForCausalLM holding the same LLM weights, built on the model's device."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
-    c, w0 = model.config.llm, model.lm_head.weight
-    cfg = Qwen2Config(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                      num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-                      num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, vocab_size=c.vocab_size,
-                      rms_norm_eps=c.layer_norm_eps, max_position_embeddings=c.max_position_embeddings,
-                      tie_word_embeddings=False, rope_theta=c.rope_theta, bos_token_id=None, eos_token_id=None,
-                      pad_token_id=None, attn_implementation="eager")
-    if getattr(cfg, "rope_parameters", None) is not None:  # transformers 5 keeps theta there
-        cfg.rope_parameters["rope_theta"] = c.rope_theta
+    w0 = model.lm_head.weight
+    cfg = qwen2_config(model, attn_implementation="eager")
     default = torch.get_default_dtype()
     torch.set_default_dtype(w0.dtype)  # no fp32 copy of 7B parameters on the way
     try:
@@ -97,23 +95,7 @@ def qwen2_on_device(model: MolmoAct):
             hf = Qwen2ForCausalLM(cfg).eval()
     finally:
         torch.set_default_dtype(default)
-    H, kv, inter = c.hidden_size, c.kv_dim, c.intermediate_size
-    t = model.model.transformer
-    hf.model.embed_tokens.weight.copy_(t.wte.embedding)
-    for blk, layer in zip(t.blocks, hf.model.layers):
-        w, b = blk.self_attn.att_proj.weight, blk.self_attn.att_proj.bias
-        for proj, sl in ((layer.self_attn.q_proj, slice(0, H)), (layer.self_attn.k_proj, slice(H, H + kv)),
-                         (layer.self_attn.v_proj, slice(H + kv, H + 2 * kv))):
-            proj.weight.copy_(w[sl])
-            proj.bias.copy_(b[sl])
-        layer.self_attn.o_proj.weight.copy_(blk.self_attn.attn_out.weight)
-        layer.mlp.up_proj.weight.copy_(blk.mlp.ff_proj.weight[:inter])
-        layer.mlp.gate_proj.weight.copy_(blk.mlp.ff_proj.weight[inter:])
-        layer.mlp.down_proj.weight.copy_(blk.mlp.ff_out.weight)
-        layer.input_layernorm.weight.copy_(blk.attn_norm.weight)
-        layer.post_attention_layernorm.weight.copy_(blk.ff_norm.weight)
-    hf.model.norm.weight.copy_(t.ln_f.weight)
-    hf.lm_head.weight.copy_(model.lm_head.weight)
+    copy_llm_weights(model, hf)
     return hf
 
 

@@ -16,18 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from molmoact_edge.argtypes import positive_float, positive_int
+from molmoact_edge.argtypes import non_negative_int, positive_float, positive_int
 from molmoact_edge.errors import UsageError
-
-
-def _seed(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unnorm-key", default=None, help="the bundle's dataset statistics/convention (default: its only one)")
     p.add_argument("--convention", default=None, help="action-convention preset instead of the unnorm key's own")
     p.add_argument("--episodes", type=positive_int, default=20)
-    p.add_argument("--seed", type=_seed, default=1000, help="first seed; episode i uses seed+i (>= 1000: never trained on)")
+    p.add_argument("--seed", type=non_negative_int, default=1000, help="first seed; episode i uses seed+i (>= 1000: never trained on)")
     p.add_argument("--limit", type=positive_float, default=30.0, help="simulated seconds per episode")
     p.add_argument("--max-new-tokens", type=positive_int, default=512)
     p.add_argument("--max-actions", type=positive_int, default=8)
@@ -54,9 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _trace_accuracy(args, seeds: list[int]) -> int:
     import numpy as np
-
-    from molmoact_edge.hardware.render_camera import SceneRenderer  # noqa: F401  (first: headless GL)
     from molmoact_edge.export.demo_data import heldout_frames
+    from molmoact_edge.hardware.render_camera import SceneRenderer  # noqa: F401  (first: headless GL)
     from molmoact_edge.hardware.scene import camera_intrinsics
     from molmoact_edge.runtime.engine.parser import trace_to_pixels
     from molmoact_edge.runtime.engine.pipeline import open_bundle
