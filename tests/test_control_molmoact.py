@@ -71,9 +71,11 @@ def test_molmoact_policy_closes_the_loop_safely_on_franky_sim(sim, bundle, tmp_p
     # The run lasts its duration. The one stop tolerated is franky-sim starved of CPU on a shared
     # machine, which the driver names (controller clock below real time).
     if result.reason != "duration":
-        assert result.reason == "fault" and result.fault.kind == "arm_error", result
-        # a runaway too, but only with the clock diagnosis (seen at 0.56x real time on a busy machine)
-        assert "controller clock ran at" in result.fault.message, result
+        # a runaway or an overshoot out of the box too, but only with the simulator's clock measured
+        # below real time (a runaway seen at 0.56x, an overshoot on a loaded 2-core machine); never when it keeps time
+        starved = arm.slowest_clock_rate is not None and arm.slowest_clock_rate < arm.config.min_clock_rate
+        assert result.reason == "fault" and result.fault.kind in ("arm_error", "workspace_exit") and starved, \
+            (result, arm.slowest_clock_rate)
         last_stop = [r for r in records if r["kind"] == "stop"][-1]["t"]
         assert not [r for r in records if r["kind"] == "command" and r["t"] > last_stop]
 
