@@ -23,11 +23,10 @@ from collections.abc import Iterable
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
-
 from molmoact_edge.export.model import MolmoAct
 from molmoact_edge.quantization.fake_quant import llm_linears
 from molmoact_edge.quantization.recipes import WeightOnlyRecipe
+from onnx import helper, numpy_helper
 
 MS_DOMAIN = "com.microsoft"
 INT8_BLOCK = 128  # storage block of the per-channel INT8 layout; every block repeats the channel scale
@@ -196,27 +195,38 @@ def quantize_fp8_qdq(model: onnx.ModelProto, layers: dict[str, str], act_amax: d
         amax = np.abs(w_t).max(axis=0)
         w_scale = np.where(amax > 0, amax / np.float32(fp8_max), np.float32(1)).astype(np.float32)
         q = np.clip(w_t / w_scale[None, :], -fp8_max, fp8_max).astype(ml_dtypes.float8_e4m3fn)
-        g.initializer.remove(inits[base])
         a_scale = np.array(np.float32(act_amax[layer]) / np.float32(fp8_max), dtype=np.float32)
-        zero = np.zeros((), dtype=ml_dtypes.float8_e4m3fn)
-        g.initializer.extend([numpy_helper.from_array(q, f"{base}_f8"), numpy_helper.from_array(w_scale, f"{base}_f8_scale"),
-                              numpy_helper.from_array(a_scale, f"{layer}.input_f8_scale"),
-                              numpy_helper.from_array(zero, f"{layer}.input_f8_zero")])
-        x = node.input[0]
-        new = [
-            helper.make_node("QuantizeLinear", [x, f"{layer}.input_f8_scale", f"{layer}.input_f8_zero"],
-                             [f"{layer}.input_q"], name=f"{node.name}/quantize_input", saturate=1),
-            helper.make_node("DequantizeLinear", [f"{layer}.input_q", f"{layer}.input_f8_scale", f"{layer}.input_f8_zero"],
-                             [f"{layer}.input_dq"], name=f"{node.name}/dequantize_input"),
-            helper.make_node("DequantizeLinear", [f"{base}_f8", f"{base}_f8_scale"], [f"{base}_dq"],
-                             name=f"{node.name}/dequantize_weight", axis=1),
-        ]
-        idx = list(g.node).index(node)
-        for k, n in enumerate(new):
-            g.node.insert(idx + k, n)
-        node.input[0], node.input[1] = f"{layer}.input_dq", f"{base}_dq"
+        insert_static_qdq(g, node, layer, inits[base], "f8", q, w_scale, a_scale,
+                          np.zeros((), dtype=ml_dtypes.float8_e4m3fn), saturate=1)
     _require_opset(model, 21)
     return model
+
+
+def insert_static_qdq(g: onnx.GraphProto, node: onnx.NodeProto, layer: str, weight: onnx.TensorProto, tag: str,
+                      codes: np.ndarray, w_scale: np.ndarray, a_scale: np.ndarray, zero: np.ndarray,
+                      **quantize_attrs) -> None:
+    """Rewire one MatMul to the explicit Q/DQ form TensorRT builds from: its input through a static
+    per-tensor QuantizeLinear/DequantizeLinear, its float weight ``weight`` replaced by ``codes``
+    with a per-output-channel DequantizeLinear. ``tag`` names the new tensors (f8, i8)."""
+    base = weight.name
+    g.initializer.remove(weight)
+    g.initializer.extend([numpy_helper.from_array(codes, f"{base}_{tag}"),
+                          numpy_helper.from_array(w_scale, f"{base}_{tag}_scale"),
+                          numpy_helper.from_array(a_scale, f"{layer}.input_{tag}_scale"),
+                          numpy_helper.from_array(zero, f"{layer}.input_{tag}_zero")])
+    a_q = [f"{layer}.input_{tag}_scale", f"{layer}.input_{tag}_zero"]
+    new = [
+        helper.make_node("QuantizeLinear", [node.input[0], *a_q], [f"{layer}.input_q"],
+                         name=f"{node.name}/quantize_input", **quantize_attrs),
+        helper.make_node("DequantizeLinear", [f"{layer}.input_q", *a_q], [f"{layer}.input_dq"],
+                         name=f"{node.name}/dequantize_input"),
+        helper.make_node("DequantizeLinear", [f"{base}_{tag}", f"{base}_{tag}_scale"], [f"{base}_dq"],
+                         name=f"{node.name}/dequantize_weight", axis=1),
+    ]
+    idx = list(g.node).index(node)
+    for k, n in enumerate(new):
+        g.node.insert(idx + k, n)
+    node.input[0], node.input[1] = f"{layer}.input_dq", f"{base}_dq"
 
 
 def _require_opset(model: onnx.ModelProto, version: int) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 UINT8 = (0, 255)
 INT8 = (-128, 127)
@@ -59,7 +59,12 @@ def quantize_static_ort(model: onnx.ModelProto, layers: dict[str, str], reader: 
                         work: Path) -> tuple[onnx.ModelProto, dict[str, tuple[float, int, int, int]]]:
     """onnxruntime's ``quantize_static`` on the named transformer-layer MatMuls; returns the graph and
     layer -> (activation scale, zero point, qmin, qmax) as onnxruntime chose them."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     nodes = sorted(n for n, layer in layers.items() if layer != "lm_head")
     work.mkdir(parents=True, exist_ok=True)
@@ -109,7 +114,7 @@ def activation_params(model: onnx.ModelProto, layers: dict[str, str]) -> dict[st
 def quantize_w8a8_qdq(model: onnx.ModelProto, layers: dict[str, str], act_amax: dict[str, float]) -> onnx.ModelProto:
     """TensorRT form: symmetric int8 Q/DQ (scale = amax / 127) on each transformer-layer input and
     int8 weight codes with a per-channel DequantizeLinear."""
-    from molmoact_edge.quantization.onnx_passes import _require_opset
+    from molmoact_edge.quantization.onnx_passes import _require_opset, insert_static_qdq
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
@@ -119,24 +124,8 @@ def quantize_w8a8_qdq(model: onnx.ModelProto, layers: dict[str, str], act_amax: 
             continue
         base = node.input[1]
         codes, w_scale = int8_channel_codes(numpy_helper.to_array(inits[base]))
-        g.initializer.remove(inits[base])
         a_scale = np.array(np.float32(act_amax[layer]) / np.float32(127), dtype=np.float32)
-        g.initializer.extend([numpy_helper.from_array(codes, f"{base}_i8"), numpy_helper.from_array(w_scale, f"{base}_i8_scale"),
-                              numpy_helper.from_array(a_scale, f"{layer}.input_i8_scale"),
-                              numpy_helper.from_array(np.zeros((), np.int8), f"{layer}.input_i8_zero")])
-        x = node.input[0]
-        new = [
-            helper.make_node("QuantizeLinear", [x, f"{layer}.input_i8_scale", f"{layer}.input_i8_zero"],
-                             [f"{layer}.input_q"], name=f"{node.name}/quantize_input"),
-            helper.make_node("DequantizeLinear", [f"{layer}.input_q", f"{layer}.input_i8_scale", f"{layer}.input_i8_zero"],
-                             [f"{layer}.input_dq"], name=f"{node.name}/dequantize_input"),
-            helper.make_node("DequantizeLinear", [f"{base}_i8", f"{base}_i8_scale"], [f"{base}_dq"],
-                             name=f"{node.name}/dequantize_weight", axis=1),
-        ]
-        idx = list(g.node).index(node)
-        for k, n in enumerate(new):
-            g.node.insert(idx + k, n)
-        node.input[0], node.input[1] = f"{layer}.input_dq", f"{base}_dq"
+        insert_static_qdq(g, node, layer, inits[base], "i8", codes, w_scale, a_scale, np.zeros((), np.int8))
     _require_opset(model, 21)
     return model
 
