@@ -46,12 +46,14 @@ def test_recipe(scheme):
 test_recipe.__test__ = False
 
 
-def teacher_forced_logits(backend, case) -> np.ndarray:
-    """Logits at the last prompt position and the next 23, the official greedy ids fed back in."""
+def teacher_forced_logits(backend, case, feats=None) -> np.ndarray:
+    """Logits at the last prompt position and the next 23, the official greedy ids fed back in.
+    ``feats``: image features to use instead of the backend's own vision tower."""
     ids, gen = case["input_ids"][0], case["generated_ids"]
     seq = np.concatenate([ids, gen[:POSITIONS - 1]])
     backend.reset(len(seq) + 1)
-    feats = backend.vision(case["images"][0], case["pooled_patches_idx"][0])
+    if feats is None:
+        feats = backend.vision(case["images"][0], case["pooled_patches_idx"][0])
     return backend.forward(seq, 0, feats, np.arange(len(ids) - 1, len(seq)))
 
 
@@ -97,8 +99,19 @@ class Models:
         r = test_recipe(scheme)
         return recipe_from_bundle(self.bundle(scheme)) if r.uses_calibration else r
 
-    def logits(self, source, case):
-        key = (source, case.name)
+    def bundle_vision(self, case) -> np.ndarray:
+        """The image features of the fp32 bundle's vision graph on onnxruntime: the very graph every
+        quantised bundle ships (the recipes leave the vision tower in fp32; checked where used)."""
+        key = ("bundle_vision", case.name)
+        if key not in self.cache:
+            b = OrtBackend(load_manifest(self.base), self.cfg)
+            self.cache[key] = b.vision(case["images"][0], case["pooled_patches_idx"][0])
+            b.close()
+        return self.cache[key]
+
+    def logits(self, source, case, vision="own"):
+        """``vision="bundle"``: a torch source takes its image features from :meth:`bundle_vision`."""
+        key = (source, case.name, vision)
         if key not in self.cache:
             if source == "fp32":
                 b = TorchBackend(load_model(self.checkpoint, torch.float32))
@@ -108,7 +121,8 @@ class Models:
                 b = OrtBackend(load_manifest(self.bundle(source)), self.cfg)
                 if source.endswith("@tensorrt"):
                     b.sessions["llm"] = qdq_faithful_session(self.bundle(source))
-            self.cache[key] = teacher_forced_logits(b, case)
+            feats = self.bundle_vision(case) if vision == "bundle" else None
+            self.cache[key] = teacher_forced_logits(b, case, feats)
             b.close()
         return self.cache[key]
 
@@ -124,33 +138,45 @@ def models_other(tmp_path_factory):
     return Models(write_checkpoint(root / "checkpoint", OTHER, seed=7), root)
 
 
-# Measured: the TensorRT-form W8A8 graph run on onnxruntime is 0.115 x the effect away on multi_2x256 (the other
-# cases pass). Not a convention: weights and quantiser parameters are identical, but ~0.1% of the static-INT8
-# inputs land one step apart because torch and onnxruntime order float arithmetic differently before the
-# quantiser, and flips in the prompt propagate. test_w8a8_tensorrt_quantises_like_its_simulation checks the
-# quantiser inputs themselves.
-W8A8_FLIPS = pytest.mark.xfail(reason="rounding-boundary flips of static INT8 activations (see above)", strict=False)
+def same_vision_graph(models, scheme) -> None:
+    """The quantised bundle ships the fp32 export's vision graph, byte for byte (by the manifests' hashes)."""
+    def vision_hash(bundle):
+        m = json.loads((bundle / "manifest.json").read_text())
+        return m["files"][m["graphs"]["vision"]["file"]]
+
+    assert vision_hash(models.bundle(scheme)) == vision_hash(models.base), f"{scheme} changed the vision graph"
+
+
+def artifact_sim_fp32(models, scheme, case):
+    """Logits of the artifact, of its simulation and of the fp32 reference. The recipes quantise the LLM
+    only: the simulation and the reference see the image features of the artifact's own (fp32) vision
+    graph. From their own torch vision tower they differ by float noise (max 2e-5 on fixture A), which a
+    static INT8 quantiser turns into whole steps on some inputs: measured, that alone put the w8a8-sq
+    tensorrt form at 0.115 and 0.239 of the effect on multi_2x256 and nested_800x600 (5e-6 with shared
+    features); it measures onnxruntime's and torch's float order in the vision tower, not the recipe."""
+    same_vision_graph(models, scheme)
+    return (models.logits(scheme, case), models.logits(f"sim:{scheme}", case, vision="bundle"),
+            models.logits("fp32", case, vision="bundle"))
 
 
 @pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn", "fp8", "int8-wo@tensorrt", "int4-rtn@tensorrt", "w8a8-sq",
-                                    pytest.param("w8a8-sq@tensorrt", marks=W8A8_FLIPS), "int4-awq",
-                                    "int4-awq@tensorrt"])
+                                    "w8a8-sq@tensorrt", "int4-awq", "int4-awq@tensorrt"])
 def test_artifact_implements_its_recipe(models_a, fixture_a, scheme):
+    ratios = {}
     for name in CASES:
-        case = GoldenCase(fixture_a, name)
-        art, sim, ref = (models_a.logits(s, case) for s in (scheme, f"sim:{scheme}", "fp32"))
+        art, sim, ref = artifact_sim_fp32(models_a, scheme, GoldenCase(fixture_a, name))
         assert art.shape == sim.shape == (POSITIONS, 152064)
         effect = np.abs(sim - ref).max()
         assert effect > 1e-3, "the recipe changed nothing: the simulation is not quantising"
-        print(f"{scheme} {name}: |artifact - simulation| = {np.abs(art - sim).max() / effect:.2g} x the effect")
-        assert np.abs(art - sim).max() <= 0.1 * effect, (name, np.abs(art - sim).max(), effect)
+        ratios[name] = float(np.abs(art - sim).max() / effect)
+    print(f"{scheme}: |artifact - simulation| / effect per case:", {k: f"{v:.2g}" for k, v in ratios.items()})
+    assert max(ratios.values()) <= 0.1, ratios  # every case measured before failing: the message names them all
 
 
-@pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn", "fp8", "w8a8-sq", "int4-awq"])
+@pytest.mark.parametrize("scheme", ["int8-wo", "int4-rtn", "fp8", "w8a8-sq", "w8a8-sq@tensorrt", "int4-awq"])
 def test_other_widths_artifact_implements_its_recipe(models_other, fixture_a, scheme):
     """Fixture A's prompts and images (model-independent) through a checkpoint of other sizes."""
-    case = GoldenCase(fixture_a, "single_256")
-    art, sim, ref = (models_other.logits(s, case) for s in (scheme, f"sim:{scheme}", "fp32"))
+    art, sim, ref = artifact_sim_fp32(models_other, scheme, GoldenCase(fixture_a, "single_256"))
     effect = np.abs(sim - ref).max()
     print(f"other widths {scheme}: |artifact - simulation| = {np.abs(art - sim).max() / effect:.2g} x the effect")
     assert effect > 1e-3 and np.abs(art - sim).max() <= 0.1 * effect
@@ -312,43 +338,119 @@ def test_each_target_records_its_weight_rule():
         assert "peak / -2^(b-1)" in ort and "absmax / (2^(b-1) - 1) > 0" in trt
 
 
-def test_w8a8_tensorrt_quantises_like_its_simulation(models_a, fixture_a):
-    """Every transformer-layer input of the TensorRT W8A8 graph, after its Q/DQ, against the simulation's
-    fake-quantised input on the same prefill: the first layer's are identical, and later ones differ in
-    at most 0.5% of elements (float-order flips at rounding boundaries), by at most 2 steps."""
+@pytest.mark.parametrize("scheme", ["w8a8-sq@tensorrt", "w8a8-sq"])
+def test_w8a8_quantiser_codes_are_the_simulations(models_a, fixture_a, scheme):
+    """Every static INT8 quantiser of the W8A8 graph, against the simulation's, on the same embeddings
+    (multi_2x256 and its 23 teacher-forced tokens, one prefill): the codes each side computes from its
+    own pre-quantiser tensor are identical at the first layer and differ in at most 1 in 10^4 elements
+    elsewhere (float-order flips at rounding boundaries; 0 measured; the simulation before its exact
+    INT8 product and graph-order attention had 1 in 10^3)."""
     import onnx
     import onnxruntime as ort
 
     from molmoact_edge.quantization.fake_quant import llm_linears
 
-    bundle = models_a.bundle("w8a8-sq@tensorrt")
+    bundle = models_a.bundle(scheme)
     recipe = recipe_from_bundle(bundle)
     model = simulated_model(models_a.checkpoint, recipe)
     case = GoldenCase(fixture_a, "multi_2x256")
-    ids = torch.from_numpy(case["input_ids"][0])[None]
+    ids = torch.from_numpy(np.concatenate([case["input_ids"][0], case["generated_ids"][:POSITIONS - 1]]))[None]
     seen = {}
     for name, lin in llm_linears(model).items():
-        if name != "lm_head":  # the hook runs after the simulation's own quantising pre-hook
+        if name != "lm_head":  # the simulation's INT8 linear quantises inside: its input is the quantiser's
             lin.register_forward_pre_hook(lambda _m, a, n=name: seen.__setitem__(n, a[0].reshape(-1, a[0].shape[-1]).numpy()))
     with torch.no_grad():
-        x = model.embed(ids, model.image_features(torch.from_numpy(case["images"][0]),
-                                                  torch.from_numpy(case["pooled_patches_idx"][0])))
+        x = model.embed(ids, torch.from_numpy(models_a.bundle_vision(case)))
         model.setup_cache(ids.shape[1])
         model(x, 0)
     graph = onnx.load(str(bundle / "llm.onnx"))
+    producer = {o: n for n in graph.graph.node for o in n.output}
+    quantiser_input = {}
+    for node in graph.graph.node:  # linear/<layer> <- DequantizeLinear <- QuantizeLinear(x): x
+        layer = node.name.removeprefix("linear/")
+        if layer in seen:
+            q = producer[producer[node.input[0]].input[0]]
+            assert q.op_type == "QuantizeLinear", (layer, q.op_type)
+            quantiser_input[layer] = q.input[0]
+    assert set(quantiser_input) == set(seen)
     names = sorted(seen)
     for n in names:
-        graph.graph.output.append(onnx.helper.make_tensor_value_info(f"{n}.input_dq", onnx.TensorProto.FLOAT, None))
+        graph.graph.output.append(onnx.helper.make_tensor_value_info(quantiser_input[n], onnx.TensorProto.FLOAT, None))
     sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     c, t = models_a.cfg.llm, ids.shape[1]
-    outs = sess.run([f"{n}.input_dq" for n in names], {
+    outs = sess.run([quantiser_input[n] for n in names], {
         "inputs_embeds": x.numpy(), "position_ids": np.arange(t), "logits_index": np.array([t - 1]),
         "past_kv": np.zeros((0, c.num_hidden_layers, 2, c.num_key_value_heads, c.head_dim), np.float32)})
+
+    def codes(v, n):
+        scale, zp, lo, hi = recipe.act_quant[n]
+        return np.clip(np.round(v / np.float32(scale)) + zp, lo, hi)
+
+    flips = {}
     for n, got in zip(names, outs):
-        steps = np.abs(got.reshape(seen[n].shape) - seen[n]) / recipe.act_quant[n][0]
-        assert steps.max() < 2.01 and (steps > 0.5).mean() <= 0.005, (n, steps.max(), (steps > 0.5).mean())
-        if n == "transformer.blocks.0.self_attn.att_proj":
-            assert steps.max() < 1e-3  # nothing upstream but the embedding and one norm
+        differ = codes(got.reshape(seen[n].shape), n) != codes(seen[n], n)
+        flips[n] = (int(differ.sum()), differ.size)
+    print(f"{scheme}: differing quantiser codes per layer:", flips)
+    assert flips["transformer.blocks.0.self_attn.att_proj"][0] == 0  # nothing upstream but the embedding and one norm
+    assert all(d <= 1e-4 * size for d, size in flips.values()), flips
+
+
+@pytest.mark.parametrize("act", [(0, -128, 127), (131, 0, 255)], ids=["int8-symmetric", "uint8-zero-point"])
+def test_static_int8_linear_is_onnxruntimes_int8_kernel(act):
+    """The simulation's W8A8 linear against onnxruntime running Q/DQ -> MatMul (fused into its integer
+    MatMulIntegerToFloat kernel), in both target forms' activation types: bit for bit. The dequantised
+    float product (what the simulation computed before) is not."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from molmoact_edge.quantization.fake_quant import StaticInt8Linear, fake_int8_weight
+    from molmoact_edge.quantization.w8a8 import int8_channel_codes
+
+    zp, lo, hi = act
+    k, n = 80, 48
+    gen = torch.Generator().manual_seed(11)
+    lin = torch.nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=gen) / k ** 0.5)
+    x = torch.randn(1, 64, k, generator=gen)  # [batch, rows, K] as in the LLM graph (2-D: MatMul + Add becomes a float Gemm)
+    scale = float(np.float32(3.0) / np.float32(hi - zp))  # inputs beyond 3 saturate, as they may at run time
+    codes, w_scale = int8_channel_codes(lin.weight.detach().numpy().T.copy())
+    zp_t = np.array(zp, dtype=np.int8 if lo < 0 else np.uint8)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xdq"]),
+             helper.make_node("DequantizeLinear", ["w", "ws"], ["wdq"], axis=1),
+             helper.make_node("MatMul", ["xdq", "wdq"], ["mm"]),
+             helper.make_node("Add", ["mm", "b"], ["y"])]
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(zp_t, "zp"),
+             numpy_helper.from_array(codes, "w"), numpy_helper.from_array(w_scale, "ws"),
+             numpy_helper.from_array(lin.bias.detach().numpy(), "b")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, n])], inits)
+    sess = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        sim = StaticInt8Linear(lin, scale, zp, lo, hi)(x).numpy()
+        q = torch.clamp(torch.round(x / torch.tensor(scale)) + zp, lo, hi)
+        dequantised = torch.nn.functional.linear((q - zp) * torch.tensor(scale), fake_int8_weight(lin.weight), lin.bias).numpy()
+    assert np.array_equal(sim, got)
+    assert not np.array_equal(dequantised, got) and np.abs(dequantised - got).max() < 1e-5
+
+
+def test_simulation_attention_is_the_reference_function(checkpoint_a):
+    """graph_order.py reorders the float arithmetic of attention only: for every mask the reference
+    passes (none, causal prefill, explicit), the same values to float rounding."""
+    from molmoact_edge.export.model import CAUSAL
+    from molmoact_edge.quantization.graph_order import _attend_as_graph
+
+    attn = load_model(checkpoint_a, torch.float32).model.transformer.blocks[0].self_attn
+    gen = torch.Generator().manual_seed(5)
+    h, kv, d = attn.heads, attn.kv_heads, attn.head_dim
+    for q_len, n, mask in ((1, 9, None), (9, 9, CAUSAL), (4, 9, torch.arange(9)[None, :] <= torch.arange(5, 9)[:, None])):
+        q, k, v = (torch.randn(1, heads, length, d, generator=gen) for heads, length in ((h, q_len), (kv, n), (kv, n)))
+        with torch.no_grad():
+            want, got = attn.attend(q, k, v, mask), _attend_as_graph(attn, q, k, v, mask)
+        assert got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=1e-5), (q_len, mask)
 
 
 def test_fake_int8_weight_is_onnxruntime_quantisers_rule():
