@@ -1,7 +1,7 @@
 """Each quantised artifact implements its recipe: on the fixture cases (24 teacher-forced positions)
 the onnxruntime artifact stays within a tenth of the recipe's own effect (max |artifact - simulation|
-<= 0.1 max |simulation - fp32|), where the simulation is the torch fake-quant of the same recipe.
-Also: the rounding rule is onnxruntime's (bf16 weights sit on ties), INT8 keeps the official
+<= 0.1 max |simulation - fp32|), where the simulation is the torch fake-quant of the same recipe, fed
+the image features of the artifact's own (unquantised, fp32) vision graph. Also: the rounding rule is onnxruntime's (bf16 weights sit on ties), INT8 keeps the official
 greedy ids, INT4 shrinks the transformer layers, and nothing depends on fixture A's widths."""
 
 from __future__ import annotations
