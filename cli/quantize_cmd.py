@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="linear layers to leave in float (mixed precision), named as in the manifest's "
                         "linear_layers, e.g. lm_head,transformer.blocks.0.mlp.ff_out; `molmoact-edge study "
                         "--checkpoint` proposes a list")
+    p.add_argument("--static-kv", action="store_true",
+                   help="also write llm_static.onnx (the static-cache LLM graph GPU engines build from, as export "
+                        "--static-kv) and quantise it by the same recipe; not with w8a8-sq --target onnxruntime")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
 
 
@@ -42,17 +45,19 @@ def run(args) -> int:
     # torch/onnxruntime missing: the central error path names the extra to install (cli/errors.py)
     from molmoact_edge.export.checkpoint import CheckpointError
     from molmoact_edge.quantization.calibration import CalibrationError
-    from molmoact_edge.quantization.quantize import quantize_bundle
+    from molmoact_edge.quantization.quantize import check_static_graph, quantize_bundle
     from molmoact_edge.quantization.recipes import recipe_for
     from molmoact_edge.runtime.engine.config import ConfigError
 
     try:
         recipe = recipe_for(args.scheme, args.target, args.group_size)
+        if args.static_kv:
+            check_static_graph(recipe)
     except (ValueError, NotImplementedError) as e:  # a scheme/target/group the recipes refuse: usage
         raise UsageError(str(e)) from e
     try:
         out = quantize_bundle(args.checkpoint, args.out, recipe, calib=args.calib, force=args.force,
-                              keep_float=args.keep_float)
+                              keep_float=args.keep_float, static_kv=args.static_kv)
     except (ConfigError, CheckpointError, CalibrationError, FileExistsError, ValueError) as e:
         raise CommandError(str(e)) from e
     print(out)

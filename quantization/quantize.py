@@ -132,17 +132,54 @@ def split_kept(layers: dict[str, str], keep_float) -> dict[str, str]:
     return {node: layer for node, layer in layers.items() if layer not in keep}
 
 
+STATIC_GRAPH = "llm_static"  # the static-cache LLM graph (export --static-kv), for GPU engines
+
+
+def _quantize_graph(llm: onnx.ModelProto, layers: dict[str, str], recipe, act_amax) -> onnx.ModelProto:
+    """One LLM graph (llm or llm_static: the same layers, the same pass) in the recipe's target form;
+    all but w8a8-sq's onnxruntime form, which calibrates its graph itself."""
+    if isinstance(recipe, SmoothQuantRecipe):
+        from molmoact_edge.quantization.w8a8 import quantize_w8a8_qdq
+
+        return quantize_w8a8_qdq(llm, layers, act_amax)
+    if isinstance(recipe, FloatRecipe):
+        return llm
+    weights = recipe.weights if isinstance(recipe, AwqRecipe) else recipe
+    if isinstance(recipe, Fp8Recipe):
+        return onnx_passes.quantize_fp8_qdq(llm, layers, dict(recipe.act_amax))
+    if weights.target == "tensorrt":
+        return onnx_passes.quantize_weight_only_qdq(llm, layers, weights)
+    return onnx_passes.quantize_llm_graph(llm, layers, weights)
+
+
+def check_static_graph(recipe) -> None:
+    """Raises ValueError where the recipe cannot quantise the static-cache graph too."""
+    if isinstance(recipe, SmoothQuantRecipe) and recipe.target == "onnxruntime":
+        raise ValueError("w8a8-sq --target onnxruntime calibrates onnxruntime's CPU graph (llm.onnx) with its own "
+                         "quantiser; the static-cache graph (llm_static, --static-kv, for GPU engines) is quantised "
+                         "only in the TensorRT form: use --target tensorrt, or drop --static-kv")
+
+
 def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str | Path | None = None,
                     base_bundle: str | Path | None = None, force: bool = False,
-                    progress: Callable[[str], None] | None = None, keep_float=()) -> Path:
+                    progress: Callable[[str], None] | None = None, keep_float=(), static_kv: bool = False) -> Path:
     """Write a quantised bundle for ``recipe``. ``base_bundle``: an existing fp32 export of the same
     checkpoint to start from (otherwise the checkpoint is exported first, into a temporary folder).
     ``keep_float``: linear layers (names as in ``linear_layers``) left in the bundle's float dtype,
-    a mixed-precision recipe (e.g. the one the study's sensitivity ranking proposes)."""
+    a mixed-precision recipe (e.g. the one the study's sensitivity ranking proposes). ``static_kv``:
+    the export also writes the static-cache graph (``llm_static``, export --static-kv); every LLM graph
+    the bundle has, a base bundle's included, is quantised by the same recipe."""
     checkpoint, out = Path(checkpoint), Path(out)
     keep_float = tuple(dict.fromkeys(keep_float or ()))
     if keep_float and isinstance(recipe, FloatRecipe):
         raise ValueError("fp16 quantises no layer; --keep-float applies to the quantising schemes")
+    base_static = base_bundle is not None and STATIC_GRAPH in json.loads((Path(base_bundle) / MANIFEST).read_text())["graphs"]
+    if static_kv and base_bundle is not None and not base_static:
+        raise ValueError(f"static_kv asks for the static-cache graph, but the base bundle {base_bundle} has none; "
+                         "export it with --static-kv, or leave static_kv off")
+    static_kv = static_kv or base_static
+    if static_kv:
+        check_static_graph(recipe)
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
     say = progress or Progress(0).out
@@ -163,49 +200,45 @@ def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str 
             step(f"starting from the exported bundle {src}")
         else:
             step(f"exporting {checkpoint} ({dtype})")
-            src = export_bundle(checkpoint, work / "base", dtype=dtype, progress=lambda s: say("  " + s))
+            src = export_bundle(checkpoint, work / "base", dtype=dtype, progress=lambda s: say("  " + s),
+                                static_kv=static_kv)
         step("loading the reference weights to name the graph's linear layers")
         ref = load_model(checkpoint, torch.float32)
         manifest = json.loads((src / MANIFEST).read_text())
-        llm = onnx.load(str(src / manifest["graphs"]["llm"]["file"]))
-        layers = onnx_passes.name_linear_weights(llm, ref, gemm_to_matmul=isinstance(recipe, (WeightOnlyRecipe, AwqRecipe)))
-        all_layers, layers = layers, split_kept(layers, keep_float)
+        names = [g for g in ("llm", STATIC_GRAPH) if g in manifest["graphs"]]
+        graphs = {g: onnx.load(str(src / manifest["graphs"][g]["file"])) for g in names}
+        named = {g: onnx_passes.name_linear_weights(m, ref, gemm_to_matmul=isinstance(recipe, (WeightOnlyRecipe, AwqRecipe)))
+                 for g, m in graphs.items()}
+        all_layers, layers = named["llm"], split_kept(named["llm"], keep_float)
         if isinstance(recipe, Fp8Recipe):
             step(f"calibrating on {cs.path} ({recipe.max_samples or len(cs.split('calibration'))} samples)")
             recipe = calibrated(recipe, ref, checkpoint, cs, lambda s: say("  " + s))
             calib_info["samples"] = len(cs.split("calibration")[:recipe.max_samples])
-        extra, smoothing = {}, None
+        extra, smoothing, act_amax = {}, None, None
         if isinstance(recipe, (SmoothQuantRecipe, AwqRecipe)):
             step(f"calibrating on {cs.path} and {'searching AWQ scales' if isinstance(recipe, AwqRecipe) else 'smoothing'}")
             recipe, inputs, act_amax = smoothing_calibrated(recipe, ref, checkpoint, cs, lambda s: say("  " + s))
             calib_info["samples"] = inputs.samples
-            step("exporting the LLM graph of the smoothed model")
-            llm, layers = smoothed_llm(checkpoint, recipe, manifest["opset"], work)
-            all_layers, layers = layers, split_kept(layers, keep_float)
+            step(f"exporting the LLM graph{'s' if len(names) > 1 else ''} of the smoothed model")
+            graphs, named = smoothed_llm(checkpoint, recipe, manifest["opset"], work, names)
+            all_layers, layers = named["llm"], split_kept(named["llm"], keep_float)
             extra, smoothing = _scales_file(recipe.smooth)
-        step(f"applying {recipe.scheme} to {len(layers)} linear layers")
-        if isinstance(recipe, SmoothQuantRecipe):
-            if recipe.target == "onnxruntime":
-                from molmoact_edge.quantization.w8a8 import PrefillReader, quantize_static_ort
+        step(f"applying {recipe.scheme} to {len(layers)} linear layers of {' and '.join(f'{g}.onnx' for g in names)}")
+        if isinstance(recipe, SmoothQuantRecipe) and recipe.target == "onnxruntime":
+            from molmoact_edge.quantization.w8a8 import PrefillReader, quantize_static_ort
 
-                c = ref.config.llm
-                reader = PrefillReader(llm, inputs.embeds, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
-                llm, act_quant = quantize_static_ort(llm, layers, reader, work / "ort")
-            else:
-                from molmoact_edge.quantization.w8a8 import quantize_w8a8_qdq, tensorrt_act_quant
-
-                llm, act_quant = quantize_w8a8_qdq(llm, layers, act_amax), tensorrt_act_quant(act_amax)
+            c = ref.config.llm
+            reader = PrefillReader(graphs["llm"], inputs.embeds, c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+            graphs["llm"], act_quant = quantize_static_ort(graphs["llm"], layers, reader, work / "ort")
             recipe = dataclasses.replace(recipe, act_quant=act_quant)
-        elif isinstance(recipe, AwqRecipe) and recipe.target == "tensorrt":
-            llm = onnx_passes.quantize_weight_only_qdq(llm, layers, recipe.weights)
-        elif isinstance(recipe, AwqRecipe):
-            llm = onnx_passes.quantize_llm_graph(llm, layers, recipe.weights)
-        elif isinstance(recipe, WeightOnlyRecipe) and recipe.target == "tensorrt":
-            llm = onnx_passes.quantize_weight_only_qdq(llm, layers, recipe)
-        elif isinstance(recipe, WeightOnlyRecipe):
-            llm = onnx_passes.quantize_llm_graph(llm, layers, recipe)
-        elif isinstance(recipe, Fp8Recipe):
-            llm = onnx_passes.quantize_fp8_qdq(llm, layers, dict(recipe.act_amax))
+        elif isinstance(recipe, SmoothQuantRecipe):
+            from molmoact_edge.quantization.w8a8 import tensorrt_act_quant
+
+            recipe = dataclasses.replace(recipe, act_quant=tensorrt_act_quant(act_amax))
+        if not (isinstance(recipe, SmoothQuantRecipe) and recipe.target == "onnxruntime"):
+            graphs = {g: _quantize_graph(m, split_kept(named[g], keep_float), recipe, act_amax)
+                      for g, m in graphs.items()}
+        llm = graphs["llm"]
         step(f"writing {out}")
         described = recipe.describe()
         if keep_float:  # the mixed-precision part, recorded like the recipe's own exceptions
@@ -213,10 +246,11 @@ def quantize_bundle(checkpoint: str | Path, out: str | Path, recipe, calib: str 
                                                      *(f"{layer}: {dtype}" for layer in keep_float)]
         quantization = {**described, "calibration": calib_info, "tools": _tool_versions(),
                         "keep_float": list(keep_float), "linear_layers": sorted(all_layers.values()),
+                        "quantized_graphs": [] if isinstance(recipe, FloatRecipe) else names,
                         "fp32_bytes": reference_bytes(ref), "bytes": bundle_bytes(src, llm)}
         if smoothing is not None:
             quantization["smoothing"] = smoothing
-        write_quantized_bundle(src, out, {"llm": llm}, quantization, force=force, extra_files=extra)
+        write_quantized_bundle(src, out, graphs, quantization, force=force, extra_files=extra)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -244,24 +278,29 @@ def smoothing_calibrated(recipe, reference, checkpoint: Path, cs, progress):
     return recipe, inputs, act_amax
 
 
-def smoothed_llm(checkpoint: Path, recipe, opset: int, work: Path) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """The LLM graph exported from the reference with the recipe's scales folded in, its linears named."""
-    from molmoact_edge.export.onnx_export import _quiet_exporter, export_llm
+def smoothed_llm(checkpoint: Path, recipe, opset: int, work: Path,
+                 names=("llm",)) -> tuple[dict[str, onnx.ModelProto], dict[str, dict[str, str]]]:
+    """The LLM graphs ``names`` (llm, llm_static) exported from the reference with the recipe's scales
+    folded in, and each one's linears named."""
+    from molmoact_edge.export.onnx_export import _quiet_exporter, export_llm, export_llm_static
     from molmoact_edge.quantization.smoothing import fold_scales
 
     model = fold_scales(load_model(checkpoint, torch.float32), recipe.smooth)
-    path = work / "smoothed" / "llm.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
     ir_log = logging.getLogger("onnx_ir")  # one INFO line per deduplicated constant, when a caller logs INFO
     level = ir_log.level
     ir_log.setLevel(logging.WARNING)
+    graphs, named = {}, {}
     try:
-        with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
-            export_llm(model, path, torch.float32, opset)
+        for name in names:
+            path = work / "smoothed" / f"{name}.onnx"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
+                (export_llm_static if name == STATIC_GRAPH else export_llm)(model, path, torch.float32, opset)
+            graphs[name] = onnx.load(str(path))
+            named[name] = onnx_passes.name_linear_weights(graphs[name], model, gemm_to_matmul=isinstance(recipe, AwqRecipe))
     finally:
         ir_log.setLevel(level)
-    llm = onnx.load(str(path))
-    return llm, onnx_passes.name_linear_weights(llm, model, gemm_to_matmul=isinstance(recipe, AwqRecipe))
+    return graphs, named
 
 
 def _scales_file(scales: dict[str, np.ndarray]) -> tuple[dict[str, bytes], dict]:

@@ -1,8 +1,10 @@
 """Each quantised artifact implements its recipe: on the fixture cases (24 teacher-forced positions)
 the onnxruntime artifact stays within a tenth of the recipe's own effect (max |artifact - simulation|
 <= 0.1 max |simulation - fp32|), where the simulation is the torch fake-quant of the same recipe, fed
-the image features of the artifact's own (unquantised, fp32) vision graph. Also: the rounding rule is onnxruntime's (bf16 weights sit on ties), INT8 keeps the official
-greedy ids, INT4 shrinks the transformer layers, and nothing depends on fixture A's widths."""
+the image features of the artifact's own (unquantised, fp32) vision graph. Also: the rounding rule
+is onnxruntime's (bf16 weights sit on ties), INT8 keeps the official greedy ids, INT4 shrinks the
+transformer layers, the static-cache graph is quantised like llm.onnx, and nothing depends on fixture
+A's widths."""
 
 from __future__ import annotations
 
@@ -537,3 +539,53 @@ def test_smoothing_bundle_records_its_recipe(models_a, scheme):
         assert set(q["alphas"]) == body and all(0 <= a <= 1 for a in q["alphas"].values())
         assert q["group_size"] == 128 and q["bytes"]["transformer_layers"] <= 0.30 * q["fp32_bytes"]["transformer_layers"]
     load_manifest(bundle)
+
+
+@pytest.fixture(scope="module")
+def static_base(checkpoint_a, tmp_path_factory):
+    """Fixture A exported with the static-cache graph (export --static-kv)."""
+    return export_bundle(checkpoint_a, tmp_path_factory.mktemp("quant_static") / "fp32", static_kv=True, **QUIET)
+
+
+@pytest.mark.parametrize("scheme", ["int4-rtn", "w8a8-sq@tensorrt"])
+def test_static_cache_graph_is_quantised_by_the_same_recipe(models_a, static_base, fixture_a, scheme):
+    """A base bundle with llm_static (export --static-kv): both LLM graphs are quantised, with the same
+    stored codes and scales, and the static graph's artifact implements the recipe like llm.onnx."""
+    import onnx
+    from onnx import numpy_helper
+
+    bundle = quantize_bundle(models_a.checkpoint, static_base.parent / scheme, test_recipe(scheme),
+                             base_bundle=static_base, **QUIET)
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["quantization"]["quantized_graphs"] == ["llm", "llm_static"]
+    assert m["graphs"]["llm_static"]["kv_input"] == "full"
+    inits = {g: {t.name: numpy_helper.to_array(t) for t in onnx.load(str(bundle / f"{g}.onnx")).graph.initializer}
+             for g in ("llm", "llm_static")}
+    layer_inits = sorted(n for n in inits["llm"] if n.startswith("transformer.blocks."))  # codes, scales, norms
+    assert any(n.endswith(("_Q4", "_i8")) for n in layer_inits), layer_inits
+    assert layer_inits == sorted(n for n in inits["llm_static"] if n.startswith("transformer.blocks."))
+    assert all(np.array_equal(inits["llm"][n], inits["llm_static"][n]) for n in layer_inits)
+    floats = [n for n in inits["llm_static"] if n.endswith(".weight_t") and not n.startswith("lm_head")]
+    assert floats == [], f"llm_static kept float transformer-layer weights: {floats}"
+    load_manifest(bundle)  # hashes and graph signatures verify
+
+    case = GoldenCase(fixture_a, "multi_2x256")
+    b = OrtBackend(load_manifest(bundle), models_a.cfg, kv_input="full")
+    if scheme.endswith("@tensorrt"):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        b.sessions["llm"] = ort.InferenceSession(str(bundle / "llm_static.onnx"), opts, providers=["CPUExecutionProvider"])
+    art = teacher_forced_logits(b, case)
+    b.close()
+    sim, ref = models_a.logits(f"sim:{scheme}", case, vision="bundle"), models_a.logits("fp32", case, vision="bundle")
+    effect = np.abs(sim - ref).max()
+    print(f"llm_static {scheme}: |artifact - simulation| = {np.abs(art - sim).max() / effect:.2g} x the effect")
+    assert np.abs(art - sim).max() <= 0.1 * effect
+
+
+def test_w8a8_onnxruntime_form_refuses_the_static_cache_graph(models_a, static_base, tmp_path):
+    with pytest.raises(ValueError, match="--target tensorrt"):
+        quantize_bundle(models_a.checkpoint, tmp_path / "b", test_recipe("w8a8-sq"), base_bundle=static_base, **QUIET)
+    assert not (tmp_path / "b").exists()

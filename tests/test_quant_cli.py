@@ -55,3 +55,27 @@ def test_quantize_refuses_bad_options_with_one_error_line(tmp_path, args, messag
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_quantize_static_kv_gives_a_bundle_build_can_check(other_checkpoint, tmp_path):
+    """--static-kv: the static-cache graph GPU engines build from is written and quantised too, and
+    `build --check-only` passes on it (the TensorRT 10.3 operator table, no TensorRT needed)."""
+    out = tmp_path / "b"
+    proc = subprocess.run([*CLI, "quantize", "--checkpoint", str(other_checkpoint), "--scheme", "int4-rtn",
+                           "--target", "tensorrt", "--static-kv", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "llm.onnx and llm_static.onnx" in proc.stderr
+    q = json.loads((out / "manifest.json").read_text())["quantization"]
+    assert q["quantized_graphs"] == ["llm", "llm_static"] and q["graph_opsets"]["llm_static"] == 21
+    check = subprocess.run([*CLI, "build", "--bundle", str(out), "--check-only"], capture_output=True, text=True,
+                           timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "llm_static.onnx" in check.stdout and "no llm_static graph" not in check.stdout
+
+
+def test_quantize_static_kv_refuses_the_w8a8_onnxruntime_form(tmp_path):
+    proc = subprocess.run([*CLI, "quantize", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "b"),
+                           "--scheme", "w8a8-sq", "--static-kv"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "--target tensorrt" in proc.stderr and "Traceback" not in proc.stderr
