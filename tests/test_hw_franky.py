@@ -235,9 +235,9 @@ def test_ruckig_planner_failures_are_recovered_within_the_budget_and_the_next_is
         for k, code in enumerate((-111, -110)):
             goal = Pose(tuple(s0.p + [0.0, 0.02 * (1 - 2 * (k % 2)), 0.0]), s0.quaternion)
             robot.fail(code)
-            wait_for(lambda: len(arm.planner_recoveries) == k + 1, 5.0, "the planner failure to be seen")
+            wait_for(lambda n=k + 1: len(arm.planner_recoveries) == n, 5.0, "the planner failure to be seen")
             assert arm.state().error is None
-            wait_for(lambda: (arm.move_to(goal), arm.state().pose.distance(goal)[0] < 2e-3)[1], 15.0,
+            wait_for(lambda g=goal: (arm.move_to(g), arm.state().pose.distance(g)[0] < 2e-3)[1], 15.0,
                      "the arm to move again after the recovery")
         robot.fail(-111)  # the third within the window: a fault that names the budget
         wait_for(lambda: arm.state().error is not None, 5.0, "the fault")
