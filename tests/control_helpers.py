@@ -14,9 +14,10 @@ INTR = Intrinsics(64, 48, 50.0, 50.0, 32.0, 24.0)
 
 # Test-only "no new robot state" limit for franky-sim (the driver's default is 100 ms). On a loaded
 # 2-core CI machine the simulator or our monitor thread can miss 100 ms of CPU and the watchdog
-# fires on a healthy link (3 of 6 reruns failed that way). The tests check what the watchdog does,
+# fires on a healthy link (3 of 6 reruns failed that way); at 0.5 s, 1 of 20 fault-suite runs at
+# load 5-11 still did (the simulator got no CPU for 511 ms). The tests check what the watchdog does,
 # not how fast a shared CPU is; the sim-killed test asserts detection against this same limit.
-STATE_TIMEOUT_S = 0.5
+STATE_TIMEOUT_S = 2.0
 
 
 def synthetic_frames(n: int, seed: int = 0):
