@@ -23,6 +23,13 @@ from molmoact_edge.argtypes import device_spec, float_in, instruction, positive_
 from molmoact_edge.errors import UsageError
 
 
+def _reach(text: str) -> float | None:
+    """--max-reach: metres in [0.2, 1.5], or 'off'."""
+    if text.strip().lower() == "off":
+        return None
+    return float_in(0.2, 1.5, "metres")(text)
+
+
 def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
     try:
         vals = tuple(float(v) for v in text.split(","))
@@ -71,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="most the commanded orientation may lead the measured one")
     p.add_argument("--max-tilt", type=float_in(1.0, 180.0, "degrees"), default=45.0, metavar="DEG",
                    help="cone around the start pose's tool axis that the commanded tool axis stays in")
+    p.add_argument("--max-reach", type=_reach, default=0.75, metavar="M|off",
+                   help="the wrist (0.21 m behind the TCP along the tool axis) stays this close to the shoulder: "
+                        "a Panda/FR3 is singular near 0.79 m; 'off' for another arm")
     p.add_argument("--box-margin", type=float_in(0.0, 0.5, "metres"), default=0.05, metavar="M",
                    help="stop when the measured position is this far outside the --workspace box")
     p.add_argument("--scripted-offset", default=(0.05, 0.0, 0.0), metavar="DX,DY,DZ",
@@ -168,7 +178,7 @@ def _run(args: argparse.Namespace) -> int:
     try:  # the options' own checks (rates, limits, timeouts): a bad value is a usage error
         safety_kw = {"dynamics_factor": args.dynamics, "max_speed_m_s": args.max_speed, "max_lead_m": args.max_lead,
                      "max_lead_rad": math.radians(args.max_turn_lead), "max_tilt_rad": math.radians(args.max_tilt),
-                     "box_margin_m": args.box_margin}
+                     "box_margin_m": args.box_margin, "max_reach_m": args.max_reach}
         if args.workspace:
             safety_kw |= {"workspace_min": args.workspace[:3], "workspace_max": args.workspace[3:]}
         options = {}
@@ -212,5 +222,7 @@ def _run(args: argparse.Namespace) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     print(f"finished: {result.reason}" + (f" ({result.fault.kind}: {result.fault.message})" if result.fault else "")
-          + f"; {result.ticks} ticks, {result.commands} commands, {result.chunks} chunks; log {log_path}", file=sys.stderr)
+          + f"; {result.ticks} ticks, {result.commands} commands, {result.chunks} chunks"
+          + (f", {result.planner_recoveries} planner failures recovered from" if result.planner_recoveries else "")
+          + f"; log {log_path}", file=sys.stderr)
     return result.exit_code

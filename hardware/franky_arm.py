@@ -98,6 +98,15 @@ class FrankyConfig:
     # behind on a machine too busy to simulate in real time. Below this rate the run says so.
     min_clock_rate: float = 0.8
     clock_window_s: float = 1.0
+    # franky's planner (Ruckig 0.17) sometimes fails to plan a replaced motion from a valid state:
+    # error -110 or -111 ("execution time" / "synchronization calculation"), a known numerical
+    # failure (pantor/ruckig#129, franky#76 on a real FR3). franky then ends the motion and the arm
+    # stops. Up to this many such failures within `planner_retry_window_s` are recovered from: the
+    # arm settles for `planner_settle_s`, controller errors are cleared, and the next target starts
+    # a new motion from rest. One more is a fault. 0 makes the first one a fault.
+    planner_retries: int = 3
+    planner_retry_window_s: float = 60.0
+    planner_settle_s: float = 0.2
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -113,6 +122,9 @@ class FrankyConfig:
         if not (0.0 < self.min_clock_rate <= 1.0) or self.clock_window_s <= 0:
             raise ValueError(f"FrankyConfig.min_clock_rate must be in (0, 1] and clock_window_s positive, got "
                              f"{self.min_clock_rate}, {self.clock_window_s}")
+        if not (0 <= self.planner_retries <= 100) or self.planner_retry_window_s <= 0 or not (0 <= self.planner_settle_s <= 5):
+            raise ValueError(f"FrankyConfig.planner_retries must be in [0, 100] (got {self.planner_retries}), "
+                             f"planner_retry_window_s positive and planner_settle_s in [0, 5] s")
         if not (0.0 < self.gripper_open_width <= 0.08):
             raise ValueError(f"FrankyConfig.gripper_open_width must be in (0, 0.08] m, got {self.gripper_open_width}")
 
@@ -146,6 +158,8 @@ class FrankyArm:
         self.stops_sent = 0  # stops carried out by the command thread (tests audit this)
         self.speed_limits: tuple[float, float] | None = None  # (m/s, rad/s) franky may follow; set at connect
         self.slowest_clock_rate: float | None = None  # controller seconds per host second, worst window
+        self.planner_recoveries: list[tuple[float, str]] = []  # (host time, franky's message) of each
+        self._resume_at = 0.0  # targets are held back until then after a recovered planner failure
         self._clock_window: tuple[float, float] | None = None
 
     # -- lifecycle
@@ -406,12 +420,12 @@ class FrankyArm:
                 try:
                     self._robot.poll_motion()
                 except Exception as e:
-                    if not self._own_preemption(e):
+                    if not self._own_preemption(e) and not self._recovered_planner_failure(e):
                         self._set_error(f"motion aborted: {type(e).__name__}: {e}")
 
     def _carry_out(self, franky, op) -> None:
         if isinstance(op, Pose):
-            if self._link_lost or self._error is not None:
+            if self._link_lost or self._error is not None or self._clock() < self._resume_at:
                 return
             affine = franky.Affine(np.asarray(op.position), np.asarray(op.quaternion))
             for attempt in (0, 1):
@@ -423,13 +437,40 @@ class FrankyArm:
                     # The preemption our own stop provoked can surface on the next move: retry once.
                     if attempt == 0 and self._own_preemption(e):
                         continue
-                    self._set_error(f"move rejected: {type(e).__name__}: {e}")
+                    if not self._recovered_planner_failure(e):
+                        self._set_error(f"move rejected: {type(e).__name__}: {e}")
                     return
         else:
             self._send_stop()
             self.last_stop_sent_at = self._clock()
             self.stops_sent += 1
             op[1].set()
+
+    def _recovered_planner_failure(self, e: Exception) -> bool:
+        """True when `e` is one of Ruckig's numerical failures (-110, -111) within the retry budget:
+        the motion has ended, so the arm is left to settle, controller errors are cleared, and the
+        next target starts a new motion from rest. Anything else, or one too many, is for the caller."""
+        text = str(e)
+        if "Motion planner failed" not in text or not ("-110" in text or "-111" in text):
+            return False
+        now = self._clock()
+        window = self.config.planner_retry_window_s
+        recent = [t for t, _ in self.planner_recoveries if now - t <= window]
+        if len(recent) >= self.config.planner_retries:
+            self._set_error(f"motion aborted: {type(e).__name__}: {e} ({len(recent)} planner failures recovered from "
+                            f"in the last {window:.0f} s already, the most allowed: see FrankyConfig.planner_retries)")
+            return True
+        self.planner_recoveries.append((now, text))
+        self._resume_at = now + self.config.planner_settle_s
+        log.warning("%s: %s: the motion ended and the arm stops; resuming with a new motion after %.1f s "
+                    "(%d of %d allowed in %.0f s)", self.name, text, self.config.planner_settle_s,
+                    len(recent) + 1, self.config.planner_retries, window)
+        try:
+            if self._robot.has_errors:
+                self._robot.recover_from_errors()
+        except Exception as err:
+            self._set_error(f"recovery after a planner failure failed: {type(err).__name__}: {err}")
+        return True
 
     def _own_preemption(self, e: Exception) -> bool:
         # A stop preempts the running motion; libfranka may report that on the next poll or move,

@@ -199,11 +199,54 @@ def install() -> None:
     bs.BaseRobot.__init__ = __init__
 
 
+def install_trace(path: str) -> None:
+    """Write one JSON line per simulated step of Cartesian pose control: simulated time, joint
+    positions and velocities, the inverse-kinematics joint target, the commanded pose (x, y, z, qx,
+    qy, qz, qw) and the commanded twist reported to libfranka. For diagnosis (README, "Streaming
+    targets"): a few hundred bytes per step, so minutes of motion are tens of MB."""
+    import json
+
+    import franky_sim.base_simulator as bs
+    import numpy as np
+
+    out = open(path, "w", buffering=1)  # noqa: SIM115  (open for the life of the process)
+    cartesian, joint = bs.BaseRobot.cartesian_position_control, bs.BaseRobot.joint_position_control
+    pending: dict = {}
+
+    def cartesian_position_control(self, target_pose, target_elbow_config, has_new_command=True):
+        pending["pose"] = [round(float(v), 6) for v in target_pose]
+        return cartesian(self, target_pose, target_elbow_config, has_new_command)
+
+    def joint_position_control(self, target_q, has_new_command=True):
+        result = joint(self, target_q, has_new_command)
+        pose = pending.pop("pose", None)
+        if pose is not None:
+            s = self._get_state()
+            tracker = self._tracked_state_components["O_T_EE_c"].observers.get("fd")
+            out.write(json.dumps({
+                "t": round(float(self._BaseRobot__t), 4), "q": np.round(np.asarray(s.q, float), 5).tolist(),
+                "dq": np.round(np.asarray(s.dq, float), 4).tolist(),
+                "q_ik": np.round(np.asarray(target_q, float), 5).tolist(), "pose_c": pose,
+                "twist_c": np.round(np.asarray(getattr(tracker, "twist", np.zeros(6)), float), 5).tolist(),
+            }) + "\n")
+        return result
+
+    bs.BaseRobot.cartesian_position_control = cartesian_position_control
+    bs.BaseRobot.joint_position_control = joint_position_control
+
+
 def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
     install()
+    if "--trace" in args:  # ours, not franky-sim's: taken out before franky-sim parses the rest
+        i = args.index("--trace")
+        if i + 1 >= len(args):
+            raise SystemExit("sim_launch: --trace needs a file path")
+        install_trace(args[i + 1])
+        del args[i:i + 2]
     from franky_sim.run_server import main as run_server
 
-    sys.argv = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
+    sys.argv = [sys.argv[0]] + args
     run_server()
 
 

@@ -14,9 +14,10 @@ INTR = Intrinsics(64, 48, 50.0, 50.0, 32.0, 24.0)
 
 # Test-only "no new robot state" limit for franky-sim (the driver's default is 100 ms). On a loaded
 # 2-core CI machine the simulator or our monitor thread can miss 100 ms of CPU and the watchdog
-# fires on a healthy link (3 of 6 reruns failed that way). The tests check what the watchdog does,
+# fires on a healthy link (3 of 6 reruns failed that way); at 0.5 s, 1 of 20 fault-suite runs at
+# load 5-11 still did (the simulator got no CPU for 511 ms). The tests check what the watchdog does,
 # not how fast a shared CPU is; the sim-killed test asserts detection against this same limit.
-STATE_TIMEOUT_S = 0.5
+STATE_TIMEOUT_S = 2.0
 
 
 def synthetic_frames(n: int, seed: int = 0):
@@ -82,7 +83,9 @@ def check_commands(records: list[dict], safety, period: float) -> dict:
     # pose_outside_m: how far the *measured* arm went outside the box (overshoot); reported, not a
     # property of the commands.
     worst = {"outside_m": 0.0, "step_m": 0.0, "step_rad": 0.0, "commands": 0, "pose_outside_m": 0.0,
-             "lead_m": 0.0, "lead_rad": 0.0, "tilt_rad": 0.0}
+             "lead_m": 0.0, "lead_rad": 0.0, "tilt_rad": 0.0, "reach_m": 0.0}
+    reach = getattr(safety, "max_reach_m", None)
+    shoulder = np.array([0.0, 0.0, 0.333])  # a Panda/FR3's joint 2 above its base
     prev = None
     axis0 = None
     for r in records:
@@ -121,6 +124,15 @@ def check_commands(records: list[dict], safety, period: float) -> dict:
         worst["step_rad"] = max(worst["step_rad"], quat_angle(ref_q, q))
         if axis0 is not None:
             worst["tilt_rad"] = max(worst["tilt_rad"], tilt(q, axis0))
+        # The wrist: 0.107 m flange + 0.1034 m Franka Hand TCP behind the target along its tool axis.
+        wrist = float(np.linalg.norm(p - 0.2104 * tool_axis(q) - shoulder))
+        if reach is not None and wrist > reach + 1e-5:
+            # Only a command walking back may lie beyond reach: a turn of the tool moves the wrist, so
+            # the previous position can fall outside; the step then must not take the wrist farther.
+            ref_wrist = float(np.linalg.norm(ref_p - 0.2104 * tool_axis(q) - shoulder))
+            assert wrist <= ref_wrist + 1e-5, f"a command put the wrist {wrist} m from the shoulder (> {reach}): {r}"
+        else:
+            worst["reach_m"] = max(worst["reach_m"], wrist)
         prev = r["target"]
     # 1e-5: the log rounds to 6 decimals
     assert worst["outside_m"] <= 1e-5, f"a command left the workspace by {worst['outside_m']} m"

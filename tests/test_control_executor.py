@@ -172,6 +172,8 @@ def test_watchdog_faults_and_their_times():
     ({"gripper_hysteresis": 1.5}, "gripper_hysteresis"),
     ({"max_lead_rad": 0.0}, "max_lead_rad"),
     ({"max_lead_rad": 4.0}, "max_lead_rad"),
+    ({"max_reach_m": 0.1}, "max_reach_m"),
+    ({"max_reach_m": float("nan")}, "max_reach_m"),
 ])
 def test_safety_config_validation_names_field(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -301,3 +303,53 @@ def test_orientation_lead_bound_never_drags_the_target_after_the_wrist():
     assert quat_angle(f.target.q, HOME.q) < 1e-9  # holds; it does not follow the wrist
     f = layer.filter(yaw_pose(-0.5), HOME, turned)  # turning further away from the wrist is held back
     assert quat_angle(f.target.q, turned.q) <= 0.5 + 1e-6 and "turn_lead_clamp" in f.interventions
+
+
+# -- reach (issue 11 item 3: the box's top front corner lies beyond what a Franka can stretch to)
+
+SIM_START = Pose((0.5544, 0.0, 0.5214), (1.0, 0.0, 0.0, 0.0))  # franky-sim's start pose, gripper down
+
+
+def wrist_distance(pose: Pose) -> float:
+    """Shoulder (0, 0, 0.333) to the point 0.2104 m behind the TCP along its tool axis, computed here
+    from the rotation matrix (a Panda/FR3 flange 0.107 m plus the Franka Hand's TCP 0.1034 m)."""
+    x, y, z, w = pose.quaternion
+    tool_z = np.array([2 * (x * z + w * y), 2 * (y * z - w * x), 1 - 2 * (x * x + y * y)])
+    return float(np.linalg.norm(np.asarray(pose.position) - 0.2104 * tool_z - np.array([0.0, 0.0, 0.333])))
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("q", [(1.0, 0.0, 0.0, 0.0), (0.9239, 0.0, 0.3827, 0.0)])  # down; tilted 45 degrees
+def test_targets_stay_within_the_arm_s_reach(q):
+    layer = SafetyLayer(SafetyConfig(), PERIOD)
+    corner = Pose((0.75, 0.0, 0.70), q)  # the default box's top front corner: 0.95 m with the gripper down
+    start = Pose(SIM_START.position, q)
+    assert wrist_distance(corner) > 0.78
+    previous, dists = start, []
+    for _ in range(300):
+        f = layer.filter(corner, previous, previous)
+        assert np.linalg.norm(f.target.p - previous.p) <= layer.max_step_m + 1e-12
+        previous = f.target
+        dists.append(wrist_distance(previous))
+    assert max(dists) <= 0.75 + 1e-9 and dists[-1] == pytest.approx(0.75, abs=1e-6)
+    assert "reach_clamp" in layer.counts
+    assert SafetyConfig().contains(np.asarray(previous.p))
+    # Switched off (another arm), the same stream ends on the corner.
+    free = SafetyLayer(SafetyConfig(max_reach_m=None), PERIOD)
+    previous = start
+    for _ in range(300):
+        previous = free.filter(corner, previous, previous).target
+    assert np.allclose(previous.p, corner.p) and "reach_clamp" not in free.counts
+
+
+@pytest.mark.fault
+def test_previous_target_beyond_reach_walks_back_at_the_step_limit():
+    layer = SafetyLayer(SafetyConfig(), PERIOD)
+    stretched = Pose((0.74, 0.0, 0.69), SIM_START.quaternion)  # inside the box, 0.94 m from the shoulder
+    previous, dists = stretched, []
+    for _ in range(100):
+        f = layer.filter(stretched, previous, previous)  # the policy insists on the far target
+        assert np.linalg.norm(f.target.p - previous.p) <= layer.max_step_m + 1e-12
+        previous = f.target
+        dists.append(wrist_distance(previous))
+    assert np.all(np.diff(dists[:30]) < 0) and dists[-1] == pytest.approx(0.75, abs=1e-6)

@@ -68,14 +68,14 @@ def test_molmoact_policy_closes_the_loop_safely_on_franky_sim(sim, bundle, tmp_p
     records = read_log(log_path)
     audit = check_commands(records, safety, 1.0 / RATE)
     assert result.chunks >= 1 and audit["commands"] > 0
-    # Issue 11 item 3 is still open: the run should last its duration, but franky's command can still
-    # run away (seen with the sim clock at 0.85x) and its planner can abort. Whatever the ending, the
-    # arm is stopped by a named arm fault or a workspace exit and nothing is commanded after the stop.
+    # The run lasts its duration (issue 11 item 3: the reach bound keeps the random model's targets
+    # away from the arm's stretched singularity, and franky's planner failures are recovered from).
+    # The one ending allowed besides: a simulator so starved of CPU that no state came for the
+    # timeout, which says so (the machine, not the control path); nothing is commanded after it.
     if result.reason != "duration":
-        assert result.reason == "fault" and result.fault.kind in ("arm_error", "workspace_exit"), \
+        assert result.reason == "fault" and "no new robot state" in result.fault.message, \
             (result, arm.slowest_clock_rate)
-        print(f"run did not last its duration (issue 11 item 3): {result.fault.message} "
-              f"(slowest sim clock {arm.slowest_clock_rate})")
+        print(f"the simulator was starved: {result.fault.message}")
         last_stop = [r for r in records if r["kind"] == "stop"][-1]["t"]
         assert not [r for r in records if r["kind"] == "command" and r["t"] > last_stop]
 

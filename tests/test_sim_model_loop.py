@@ -29,9 +29,10 @@ def bundle(bundle_a):
 
 @pytest.mark.sim
 def test_model_in_the_loop_on_franky_sim_stays_within_limits_and_stops_cleanly(bundle, tmp_path):
-    """The README's command (issue 11 item 3). It should run its whole duration; while franky's command
-    can still run away or its planner abort on this simulator (open), the test holds what must be true
-    of any ending: a named, sent stop, nothing commanded after it, every command within the limits."""
+    """The README's command (issue 11 item 3) runs its whole duration, every command within the limits
+    (the reach bound included). Before the reach bound and the planner-failure recovery it ended in a
+    runaway or a Ruckig -111 in 4 of 5 runs on a quiet machine. The only other ending allowed: a
+    simulator starved of CPU for the state timeout, named as such, with nothing commanded after it."""
     if not sim_available():
         pytest.skip("franky-sim / franky-control not installed: pip install molmoact-edge[robot,sim]")
     write_folder(tmp_path / "frames", 10)
@@ -47,15 +48,12 @@ def test_model_in_the_loop_on_franky_sim_stays_within_limits_and_stops_cleanly(b
     if end[-1]["reason"] == "duration":
         assert proc.returncode == 0 and not stops
     else:
-        # Issue 11 item 3 is still open: franky's command can still run away (seen at a 0.85x sim clock)
-        # and its planner can abort (-111). What must hold whatever the ending: the arm is stopped
-        # by a named arm fault (or the measured pose leaving the box), the stop is sent, nothing is
-        # commanded after it, and every command before it is within the limits (audited below).
         message = stops[-1]["message"] if stops else ""
-        assert end[-1]["fault"] in ("arm_error", "workspace_exit") and stops and stops[-1]["sent"], \
-            f"run ended by {end[-1]}: {stops}"
+        # (a lost link cannot carry the stop: the controller's communication reflex stops a real arm)
+        assert end[-1]["fault"] == "arm_error" and "no new robot state" in message, \
+            f"run ended by {end[-1]}: {stops}\n{proc.stderr[-2000:]}"
         assert not [r for r in records if r["kind"] == "command" and r["t"] > stops[-1]["t"]]
-        print(f"run did not last its duration (issue 11 item 3): {message}")
+        print(f"the simulator was starved: {message}")
 
     start = records[0]
     assert start["kind"] == "start"
@@ -299,3 +297,38 @@ def test_streamed_rotation_around_the_gripper_down_pose_stays_within_franky_s_li
         assert w > 0.3 * w_lim  # it did turn
     else:
         print(f"drill ended after {elapsed:.2f} s of controller time: {starved}")
+
+
+@pytest.mark.sim
+def test_sim_launch_traces_every_step_of_a_cartesian_motion(tmp_path):
+    """`sim_launch --trace` (the diagnosis behind the reach bound, README): one line per simulated
+    step while franky streams a pose, with the commanded pose that franky sent and the joints."""
+    if not sim_available():
+        pytest.skip("franky-sim / franky-control not installed: pip install molmoact-edge[robot,sim]")
+    from control_helpers import STATE_TIMEOUT_S, wait_for
+
+    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
+    from molmoact_edge.hardware.geometry import Pose
+    from molmoact_edge.hardware.sim import SimServer
+
+    trace = tmp_path / "steps.jsonl"
+
+    class Traced(SimServer):
+        def command(self):
+            return super().command() + ["--trace", str(trace)]
+
+    with Traced() as server, FrankyArm(FrankyConfig(server.host, gripper=False, dynamics_factor=0.2,
+                                                    state_timeout_s=STATE_TIMEOUT_S)) as arm:
+        p0 = arm.state().pose
+        goal = Pose(tuple(p0.p + [0.0, 0.01, 0.0]), p0.quaternion)
+        arm.move_to(goal)
+        wait_for(lambda: arm.state().pose.distance(goal)[0] < 1e-3, 15.0, "the arm to reach the goal")
+    import json
+
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(steps) > 50 and all(len(s["q"]) == 7 and len(s["q_ik"]) == 7 for s in steps)
+    t = np.array([s["t"] for s in steps])
+    assert np.all(np.diff(t) > 0)  # one line per step, in order
+    y = np.array([s["pose_c"][1] for s in steps])
+    assert abs(y[0] - p0.p[1]) < 1e-3 and abs(y[-1] - goal.p[1]) < 1e-4  # franky's stream, start to goal
+    assert max(abs(s["twist_c"][1]) for s in steps) > 0.005  # the commanded twist was reported

@@ -73,6 +73,7 @@ class RunResult:
     chunks: int = 0
     stop_latency_s: float | None = None  # fault occurrence -> stop sent
     interventions: dict = field(default_factory=dict)
+    planner_recoveries: int = 0  # franky planner failures the arm recovered from (FrankyConfig.planner_retries)
 
     @property
     def exit_code(self) -> int:
@@ -203,8 +204,11 @@ class ControlLoop:
             result.commands = self.status.commands
             result.chunks = self.status.chunks
             result.interventions = dict(self.status.interventions)
+            recovered = list(getattr(self.arm, "planner_recoveries", []))
+            result.planner_recoveries = len(recovered)
             self.runlog.write("end", clock.now(), reason=result.reason, ticks=result.ticks, commands=result.commands,
                               chunks=result.chunks, interventions=result.interventions,
+                              planner_recoveries=[{"t": t, "error": m} for t, m in recovered],
                               fault=None if result.fault is None else result.fault.kind)
         return result
 

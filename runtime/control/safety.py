@@ -14,7 +14,12 @@ command, `current` the MEASURED pose):
 - within `max_lead_rad` of the measured orientation, in the same way (a stuck wrist cannot wind up
   a large turn that a released arm would then make at once);
 - its tool axis (the gripper's z axis) within `max_tilt_rad` of the tool axis at the start pose
-  (rotation about the tool axis is free), so no policy can turn the gripper up or sideways.
+  (rotation about the tool axis is free), so no policy can turn the gripper up or sideways;
+- within the arm's reach: the wrist (the point `wrist_offset_m` behind the target along its tool
+  axis) stays within `max_reach_m` of the shoulder. The box alone does not ensure that: its top
+  front corner lies 0.95 m from the shoulder with the gripper down, farther than a Panda/FR3 can
+  stretch (0.79 m, measured on franky-sim's FR3 model), and near full stretch the arm is singular:
+  franky-sim's inverse kinematics then throws the joints about and a real arm stops with a reflex.
 `check_measured` watches the arm itself: the measured position leaving the box by more than
 `box_margin_m` is a fault that stops the run. franky's planner can carry the arm past a target
 (the sim tests measure this overshoot), which is what the margin allows for.
@@ -64,6 +69,15 @@ class SafetyConfig:
     # The measured position this far outside the box stops the run. franky's planner carried the
     # franky-sim arm up to 40 mm past a box face at the defaults (dynamics 0.1, 0.25 m/s; README).
     box_margin_m: float = 0.05
+    # Reach: the wrist point (on the tool axis, this far behind the TCP: a Panda/FR3 flange 0.107 m
+    # plus the Franka Hand's TCP 0.1034 m) stays within max_reach_m of the shoulder (joint 2's axis,
+    # 0.333 m above the base). On franky-sim's FR3 the arm stretches out (elbow joint 4 at -0.47 rad,
+    # the Jacobian's smallest singular value 0.002) with that distance at 0.784-0.794 m; 0.75 m
+    # keeps the smallest singular value near 0.09 (elbow about -1.1 rad). The start pose of franky-sim
+    # lies at 0.683 m. None turns the bound off (another arm, or a tool of another length: set both).
+    max_reach_m: float | None = 0.75
+    wrist_offset_m: float = 0.2104
+    shoulder: tuple[float, float, float] = (0.0, 0.0, 0.333)
 
     def __post_init__(self) -> None:
         lo, hi = np.asarray(self.workspace_min, float), np.asarray(self.workspace_max, float)
@@ -87,6 +101,10 @@ class SafetyConfig:
             raise ValueError(f"SafetyConfig.max_tilt_rad must be in (0, pi] rad, got {self.max_tilt_rad}")
         if not (0.0 <= self.box_margin_m <= 0.5):
             raise ValueError(f"SafetyConfig.box_margin_m must be in [0, 0.5] m, got {self.box_margin_m}")
+        if self.max_reach_m is not None and not (0.2 <= self.max_reach_m <= 1.5):
+            raise ValueError(f"SafetyConfig.max_reach_m must be in [0.2, 1.5] m or None, got {self.max_reach_m}")
+        if not (0.0 <= self.wrist_offset_m <= 0.5):
+            raise ValueError(f"SafetyConfig.wrist_offset_m must be in [0, 0.5] m, got {self.wrist_offset_m}")
         if not (0.0 <= self.gripper_hysteresis < 1.0):
             raise ValueError(f"SafetyConfig.gripper_hysteresis must be in [0, 1), got {self.gripper_hysteresis}")
 
@@ -108,6 +126,11 @@ def tool_axis(q: np.ndarray) -> np.ndarray:
 def tilt(q: np.ndarray, axis0: np.ndarray) -> float:
     """Angle between the tool axis of `q` and `axis0` (radians)."""
     return float(np.arccos(np.clip(np.dot(tool_axis(q), axis0), -1.0, 1.0)))
+
+
+def wrist_point(p: np.ndarray, q: np.ndarray, offset_m: float) -> np.ndarray:
+    """The point `offset_m` behind the TCP position `p` along the tool axis of `q`."""
+    return np.asarray(p, float) - offset_m * tool_axis(q)
 
 
 def _limit(v: np.ndarray, n_max: float) -> np.ndarray:
@@ -137,6 +160,32 @@ class SafetyLayer:
     def _count(self, f: Filtered, what: str) -> None:
         f.interventions.append(what)
         self.counts[what] = self.counts.get(what, 0) + 1
+
+    def _goal(self, p: np.ndarray, q: np.ndarray, out: Filtered) -> np.ndarray:
+        """`p` moved to the nearest point (for the tool orientation `q`) that lies in the box and
+        within reach. Both sets are convex (for a fixed `q` the reach is a ball around the shoulder
+        shifted by the wrist offset), so alternating projections converge to a point of both."""
+        c = self.config
+        lo, hi = np.asarray(c.workspace_min), np.asarray(c.workspace_max)
+        goal = np.clip(p, lo, hi)
+        if not np.array_equal(goal, p):
+            self._count(out, "workspace_clamp")
+        if c.max_reach_m is None:
+            return goal
+        centre = np.asarray(c.shoulder, float) + c.wrist_offset_m * tool_axis(q)  # where the wrist is at the shoulder
+        if np.linalg.norm(goal - centre) <= c.max_reach_m:
+            return goal
+        self._count(out, "reach_clamp")
+        for _ in range(50):
+            rel = goal - centre
+            n = float(np.linalg.norm(rel))
+            if n > c.max_reach_m:
+                goal = centre + rel * (c.max_reach_m / n)
+            clipped = np.clip(goal, lo, hi)
+            if np.array_equal(clipped, goal):
+                break
+            goal = clipped
+        return goal
 
     def check_measured(self, current: Pose) -> str | None:
         """Why the measured pose must stop the run, or None."""
@@ -204,19 +253,7 @@ class SafetyLayer:
             self._count(out, "nonfinite_refused")
             return out
         c = self.config
-        lo, hi = np.asarray(c.workspace_min), np.asarray(c.workspace_max)
-        goal = np.clip(p, lo, hi)
-        if not np.array_equal(goal, p):
-            self._count(out, "workspace_clamp")
-        # The only move: from the previous command toward the goal, never more than one step. Both
-        # ends lie in the (convex) box unless the previous command is outside it; then this walks
-        # it back toward the box.
-        step = _limit(goal - previous.p, self.max_step_m)
-        if not np.allclose(step, goal - previous.p, rtol=0, atol=1e-12):
-            self._count(out, "step_clamp" if c.contains(previous.p) else "return_to_box")
-        if current is not None:
-            step = self._hold_lead(previous.p, step, current.p, out)
-        p = previous.p + step
+        # The orientation first: where the wrist lies, and so the reach, depends on it.
         if self.axis0 is None:
             self.anchor(current if current is not None else previous)
         q = self._cone(q, out)
@@ -226,6 +263,16 @@ class SafetyLayer:
             self._count(out, "rotation_clamp")
         if current is not None:
             q = self._hold_turn(np.asarray(previous.q, float), q, np.asarray(current.q, float), out)
+        goal = self._goal(p, q, out)
+        # The only move: from the previous command toward the goal, never more than one step. Both
+        # ends lie in the (convex) allowed region unless the previous command is outside it; then
+        # this walks it back toward the region.
+        step = _limit(goal - previous.p, self.max_step_m)
+        if not np.allclose(step, goal - previous.p, rtol=0, atol=1e-12):
+            self._count(out, "step_clamp" if c.contains(previous.p) else "return_to_box")
+        if current is not None:
+            step = self._hold_lead(previous.p, step, current.p, out)
+        p = previous.p + step
         out.target = Pose(tuple(p), tuple(q))
         return out
 
