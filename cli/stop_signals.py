@@ -32,6 +32,7 @@ class StopSignals:
         self.deadline_s = EXIT_DEADLINE_S if deadline_s is None else deadline_s
         self.received: list[int] = []
         self._previous: dict[int, object] = {}
+        self._mask: set | None = None
         self._armed = False
 
     def __enter__(self) -> StopSignals:
@@ -42,11 +43,17 @@ class StopSignals:
         # background job of a non-interactive shell) keeps ignoring it, as every Unix program does.
         if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._install(signal.SIGINT)
+        # A blocked signal is never delivered, and a blocked mask is inherited from whatever started
+        # this process (it is no user's choice, unlike SIG_IGN): `kill` must reach the handlers.
+        self._mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, list(self._previous))
         return self
 
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+            self._mask = None
         self._previous.clear()
         self.cancel_deadline()
 
