@@ -248,8 +248,8 @@ def _export_bundle(checkpoint: Path, out: Path, dtype: str, opset: int, progress
         (tmp / MANIFEST).write_text(text)
         pin = hashlib.sha256(text.encode()).hexdigest()
         step(f"moving the bundle into place at {out} (manifest sha256 {pin}: pin it with --bundle-sha256)")
-        # A Ctrl-C from here on takes effect after the move: the bundle appears whole (and a --force
-        # replacement never leaves the old bundle half deleted).
+        # A Ctrl-C during the move is recorded, not raised: the bundle appears whole and the export
+        # completes (a --force replacement never leaves the old bundle half deleted).
         with ctrl_c.deferred():
             if out.exists():
                 shutil.rmtree(out)
