@@ -5,8 +5,8 @@ exporter does not always let it through. Measured with torch 2.13: a Ctrl-C that
 exporter lazily imports `torch._dynamo` leaves that package half-initialised; the exporter's
 `except torch._dynamo.exc.UserError` clause then re-imports it, fails with an AttributeError that
 replaces the KeyboardInterrupt, counts that as a failed capture strategy and tries its fallback
-strategy. The export then either ends in an unrelated `TorchExportError` (with a traceback) or, if
-the fallback succeeds, runs on and writes the bundle.
+strategy. The export then ended in an unrelated `TorchExportError` with a traceback (seen); had the
+fallback succeeded, it would have run on and written the bundle (the exporter's code allows it).
 
 `InterruptGuard` records every SIGINT as well as raising it, so that the caller can check at each
 stage boundary (and when the exporter returns or fails) whether one arrived and was swallowed.

@@ -115,8 +115,8 @@ def as_a_terminal_job() -> None:
 @pytest.mark.parametrize("when", [
     ("[2/", 0.5), ("[2/", 2.0), ("[3/", 0.5),  # during the ONNX export of each graph (seconds after its line)
     # In the exporter's lazy import of torch._dynamo (which imports torch._inductor half-way): the
-    # exporter turned that Ctrl-C into an AttributeError, then a TorchExportError with a traceback, or
-    # ran its fallback strategy on to the end (measured with torch 2.13).
+    # exporter turned that Ctrl-C into an AttributeError, tried its fallback strategy and ended in a
+    # TorchExportError with a traceback (torch 2.13).
     ("import", "torch._inductor"),
 ], ids=["vision-0.5s", "vision-2s", "llm-0.5s", "in-torch._dynamo-import"])
 def test_ctrl_c_during_export_is_one_line_and_leaves_no_bundle(tiny, tmp_path, when):
