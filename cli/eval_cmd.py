@@ -70,15 +70,10 @@ def _trace_accuracy(args, seeds: list[int]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import signal
+    from molmoact_edge.stop_signals import StopSignals
 
-    from molmoact_edge.run_cmd import _sigterm_as_interrupt
-
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # SIGTERM takes Ctrl-C's stop path
-    try:
+    with StopSignals():  # SIGTERM takes Ctrl-C's stop path; the exit after either has a deadline
         return _run(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import signal
 import sys
 import time
 from functools import partial
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from molmoact_edge.argtypes import device_spec, float_in, instruction, positive_float, positive_int
 from molmoact_edge.errors import UsageError
+from molmoact_edge.stop_signals import StopSignals
 
 
 def _reach(text: str) -> float | None:
@@ -117,13 +117,6 @@ def _check_molmoact(options: dict) -> None:
         raise UsageError(str(e)) from e
 
 
-def _sigterm_as_interrupt(signum, frame) -> None:
-    # `kill`, systemd and container stops send SIGTERM: take the Ctrl-C path (stop the arm, log the
-    # stop and the end, join the worker). Once: a second SIGTERM must not cut that cleanup short.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt("SIGTERM")
-
-
 # Stream no faster than this share of what the arm's planner may do, so that it keeps up with the target.
 PLANNER_HEADROOM = 0.8
 
@@ -151,14 +144,13 @@ def _fit_to_arm(config, arm):
 
 
 def run(args: argparse.Namespace) -> int:
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
-    try:
-        return _run(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # `kill`, systemd and container stops send SIGTERM: it takes the Ctrl-C path (stop the arm, log the
+    # stop and the end, join the worker), and from the first signal on the exit has a deadline.
+    with StopSignals() as stops:
+        return _run(args, stops)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, stops: StopSignals) -> int:
     from molmoact_edge.hardware.arm import ArmError
     from molmoact_edge.hardware.camera import CameraError, CameraSet
     from molmoact_edge.hardware.deps import MissingDependencyError
@@ -214,7 +206,10 @@ def _run(args: argparse.Namespace) -> int:
             with ControlLoop(cameras, arm, spec, config) as loop:
                 print(f"running: {args.instruction!r} | {arm.name} | {', '.join(c.name for c in cameras)} | "
                       f"{config.rate_hz:.0f} Hz | log {log_path} | Ctrl-C stops the arm", file=sys.stderr)
-                result = loop.run()
+                try:
+                    result = loop.run()
+                finally:
+                    stops.arm_deadline()  # however the loop ended, closing everything is bounded too
     except (CameraError, ArmError, MissingDependencyError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from molmoact_edge.export.checkpoint import WeightFiles, load_model
 from molmoact_edge.export.graphs import LlmGraph, StaticLlmGraph, VisionGraph
+from molmoact_edge.export.interrupts import InterruptGuard
 from molmoact_edge.export.model import MolmoAct
 from molmoact_edge.runtime.engine.bundle import sha256_file
 from molmoact_edge.runtime.engine.manifest import (
@@ -176,13 +177,25 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
-    step = Progress(8 if static_kv else 7, progress)
+    with InterruptGuard() as ctrl_c:
+        return _export_bundle(checkpoint, out, dtype, opset, Progress(8 if static_kv else 7, progress), static_kv,
+                              ctrl_c)
+
+
+def _export_bundle(checkpoint: Path, out: Path, dtype: str, opset: int, progress: Progress, static_kv: bool,
+                   ctrl_c: InterruptGuard) -> Path:
+    def step(what: str) -> None:
+        # torch's exporter can swallow a Ctrl-C (export/interrupts.py): every stage starts by asking.
+        ctrl_c.check()
+        progress(what)
+
     tdtype = DTYPES[dtype]
     step(f"loading {checkpoint} as {dtype}")
     model = load_model(checkpoint, tdtype)
     cfg = model.config
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    with ctrl_c.deferred():  # no Ctrl-C between creating the folder and the `try` that removes it
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         with torch.inference_mode(False), torch.no_grad(), _quiet_exporter():
             step("exporting vision.onnx (ViT + pooling + projector)")
@@ -235,11 +248,18 @@ def export_bundle(checkpoint: str | Path, out: str | Path, dtype: str = "fp32", 
         (tmp / MANIFEST).write_text(text)
         pin = hashlib.sha256(text.encode()).hexdigest()
         step(f"moving the bundle into place at {out} (manifest sha256 {pin}: pin it with --bundle-sha256)")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # A Ctrl-C during the move is recorded, not raised: the bundle appears whole and the export
+        # completes (a --force replacement never leaves the old bundle half deleted).
+        with ctrl_c.deferred():
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+            tmp.rename(out)
+    except BaseException as e:
+        with ctrl_c.deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if ctrl_c.seen and not isinstance(e, KeyboardInterrupt):
+            # The exporter turned the Ctrl-C into an error of its own (export/interrupts.py).
+            raise KeyboardInterrupt from e
         raise
     return out

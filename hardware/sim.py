@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from .franky_arm import FCI_PORT
@@ -26,7 +27,7 @@ class SimError(RuntimeError):
     pass
 
 
-def _detach_and_die_with_parent() -> None:
+def _detach_and_die_with_parent(parent: int) -> None:
     # Own process group (so close() can signal the whole server), and SIGKILL when the parent dies
     # (Linux PR_SET_PDEATHSIG), so a killed test run never leaves a simulator behind.
     os.setsid()
@@ -36,6 +37,10 @@ def _detach_and_die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     except OSError:
         pass
+    # A parent that died between the fork and the prctl (killed, or interrupted while starting the
+    # server and gone at once) never sends that SIGKILL: the server would outlive it.
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def free_loopback_host() -> str:
@@ -85,19 +90,22 @@ class SimServer:
     def start(self) -> SimServer:
         self._log = tempfile.NamedTemporaryFile("w+", prefix="franky-sim-", suffix=".log", delete=False)
         env = dict(os.environ, PYTHONUNBUFFERED="1")  # headless: MuJoCo loads no GL unless rendering
-        self.proc = subprocess.Popen(
-            self.command(),
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=_detach_and_die_with_parent,
-        )
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SimError(f"franky-sim exited with {self.proc.returncode} during start-up:\n{self.log_text[-2000:]}")
-            if "Connect to the server" in self.log_text:
-                return self
-            time.sleep(0.1)
-        self.kill()
-        raise SimError(f"franky-sim did not come up on {self.host} within {self.start_timeout_s:.0f} s:\n{self.log_text[-2000:]}")
+        try:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                preexec_fn=partial(_detach_and_die_with_parent, os.getpid()),
+            )
+            deadline = time.monotonic() + self.start_timeout_s
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise SimError(f"franky-sim exited with {self.proc.returncode} during start-up:\n{self.log_text[-2000:]}")
+                if "Connect to the server" in self.log_text:
+                    return self
+                time.sleep(0.1)
+            raise SimError(f"franky-sim did not come up on {self.host} within {self.start_timeout_s:.0f} s:\n{self.log_text[-2000:]}")
+        except BaseException:  # a start-up failure, Ctrl-C or SIGTERM: `with` will not call close()
+            self.close()
+            raise
 
     def _signal(self, sig: int) -> None:
         try:

@@ -140,10 +140,15 @@ class ControlLoop:
         self.close()
 
     def close(self) -> None:
+        # Each step even when the one before raised (a Ctrl-C or SIGTERM landing in the middle of it).
         self.halted = True
-        self.arm.stop()
-        self.worker.close()
-        self.runlog.close()
+        try:
+            self.arm.stop()
+        finally:
+            try:
+                self.worker.close()
+            finally:
+                self.runlog.close()
 
     # -- the loop
     def run(self, until: Callable[[], bool] | None = None) -> RunResult:

@@ -150,6 +150,15 @@ class InferenceWorker:
 
     # -- lifecycle
     def start(self) -> InferenceWorker:
+        try:
+            return self._start()
+        except BaseException:
+            # Ctrl-C or SIGTERM while the worker starts: `with` calls no __exit__ when __enter__ raises,
+            # and a process left to the interpreter's exit is joined there without a timeout.
+            self.close()
+            raise
+
+    def _start(self) -> InferenceWorker:
         if self.config.mode == "thread":
             self._requests: queue.Queue = queue.Queue(maxsize=1)
             self._responses: queue.Queue = queue.Queue()
@@ -165,10 +174,11 @@ class InferenceWorker:
             self._requests = ctx.Queue(maxsize=1)
             self._responses = queue.Queue()
             reader, writer = ctx.Pipe(duplex=False)
-            self._proc = ctx.Process(target=_process_main,
-                                     args=(self.spec, self._requests, writer, self.config.nice, os.getpid()),
-                                     name="inference", daemon=True)
-            self._proc.start()
+            proc = ctx.Process(target=_process_main,
+                               args=(self.spec, self._requests, writer, self.config.nice, os.getpid()),
+                               name="inference", daemon=True)
+            proc.start()
+            self._proc = proc  # only once started: close() joins it
             writer.close()
             self._rx = threading.Thread(target=self._receive, args=(reader, self._proc.sentinel),
                                         name="inference-rx", daemon=True)
@@ -176,7 +186,6 @@ class InferenceWorker:
         kind, payload, t = self._get(self.config.start_timeout_s)
         self.news.clear()  # the "ready" message is no news for the control loop
         if kind != "ready":
-            self.close()
             raise RuntimeError(payload if kind == "error" else f"inference worker did not start within {self.config.start_timeout_s:.0f} s")
         return self
 
