@@ -76,6 +76,13 @@ class TrainConfig:
     # Weight of each depth-code token in the loss (1 for every other token): the 100 codes are the
     # largest part of an answer, while the trace and the actions are what the robot acts on.
     depth_weight: float = 0.25
+    # Fold a per-channel standardisation of the (frozen) ViT features into the pooling attention's
+    # input projections before training (weights only; the architecture is unchanged). Measured at
+    # the seeded initialisation: the projected image features had a norm of ~800 against ~11 for a
+    # text embedding, 98% of it common to every image, and after 2500 steps the model's loss did
+    # not change at all when two samples' images were swapped. Off when resuming (already folded).
+    standardize_vit: bool = True
+    standardize_samples: int = 32
 
     def __post_init__(self) -> None:
         if self.steps < 1 or not (0 < self.lr < 1) or self.warmup < 0:
@@ -151,6 +158,21 @@ class Trainer:
         if config.freeze_vit:
             m.model.vision_backbone.image_vit.requires_grad_(False)
         self._cache: dict[str, tuple] = {}  # image -> (prompt ids, answer ids, pooled idx, ViT features)
+        if config.freeze_vit and config.standardize_vit:
+            self._standardize_vit_features()
+
+    def _standardize_vit_features(self) -> None:
+        """wq/wk/wv(x) -> wq/wk/wv((x - mean) / std): mean and std per channel over the ViT features
+        of the first samples (the ViT is frozen, so they stay valid)."""
+        picks = self.samples[:: max(1, len(self.samples) // self.config.standardize_samples)]
+        feats = torch.cat([self._cached(s)[3].to(torch.float32).reshape(-1, self._cached(s)[3].shape[-1])
+                           for s in picks[: self.config.standardize_samples]])
+        mean, std = feats.mean(0), feats.std(0).clamp(min=1e-3)
+        pool = self.model.model.vision_backbone.image_pooling_2d
+        with torch.no_grad():
+            for lin in (pool.wq, pool.wk, pool.wv):
+                lin.bias -= lin.weight @ (mean / std)
+                lin.weight /= std
 
     def _example(self, s: dict):
         from PIL import Image
