@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0, help="weight initialisation and sample order")
     p.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every this many steps")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the weights in --out/checkpoint (a fresh learning-rate schedule of --steps)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,13 +53,18 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         tconf = TrainConfig(steps=args.steps, lr=args.lr, threads=args.threads, seed=args.seed,
-                            save_every=max(0, args.save_every))
+                            save_every=max(0, args.save_every), standardize_vit=not args.resume)
     except ValueError as e:
         raise UsageError(str(e)) from e
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     out = args.out
     data, ckpt = out / "data", out / "checkpoint"
-    ckpt_init = init_checkpoint(ckpt, args.seed)
+    if args.resume:
+        if not (ckpt / "model.safetensors").exists():
+            raise UsageError(f"--resume: {ckpt} holds no checkpoint to continue from; drop --resume to start one")
+        ckpt_init = ckpt
+    else:
+        ckpt_init = init_checkpoint(ckpt, args.seed)
     from molmoact_edge.runtime.engine.tokenizer import Tokenizer
 
     if not (data / "samples.jsonl").exists():

@@ -150,7 +150,10 @@ class VisionBackbone(nn.Module):
 
     def pooled_features(self, crops: torch.Tensor, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
         """One projected row per pooling group, including groups without any valid patch."""
-        feats = self.vit_features(crops.to(self.image_vit.patch_embedding.weight.dtype))
+        return self.pool(self.vit_features(crops.to(self.image_vit.patch_embedding.weight.dtype)), pooled_patches_idx)
+
+    def pool(self, feats: torch.Tensor, pooled_patches_idx: torch.Tensor) -> torch.Tensor:
+        """pooled_features from the ViT's features (a trainer with a frozen ViT caches them)."""
         feats = feats.reshape(-1, feats.shape[-1])
         valid = pooled_patches_idx >= 0
         # Padding slots are gathered as zero vectors that still count in the mean and are attended

@@ -82,3 +82,40 @@ def test_train_demo_refuses_evaluation_seeds(capsys):
 
     assert main(["train-demo", "--out", "/nonexistent", "--seeds", "1001"]) == 2
     assert "below 1000" in capsys.readouterr().err
+
+
+def test_resume_continues_from_the_written_weights(tiny_run, tmp_path, capsys):
+    """--resume starts from --out/checkpoint's weights (a fresh start would re-draw them from the
+    seed); without a checkpoint it is a usage error."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from molmoact_edge.main import main
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    before = load_file(str(out / "checkpoint" / "model.safetensors"))
+    assert main(["train-demo", "--out", str(out), "--seeds", "1", "--steps", "1", "--lr", "1e-9", "--resume"]) == 0
+    after = load_file(str(out / "checkpoint" / "model.safetensors"))
+    key = "model.transformer.blocks.0.mlp.ff_proj.weight"  # the first training step moved it by ~1e-5
+    assert np.allclose(before[key], after[key], rtol=0, atol=1e-7)  # continued (lr ~0), not re-initialised
+    assert main(["train-demo", "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_the_vit_feature_standardisation_is_folded_exactly(tiny_run):
+    """The pooling attention's projections of the raw (frozen) ViT features equal the initial
+    projections of the standardised features, so training starts from features of unit scale."""
+    plain = Trainer(tiny_run / "checkpoint", tiny_run / "data", TrainConfig(steps=1, standardize_vit=False))
+    folded = Trainer(tiny_run / "checkpoint", tiny_run / "data", TrainConfig(steps=1))
+    feats = plain._cached(plain.samples[0])[3].to(torch.float32)
+    feats = feats.reshape(-1, feats.shape[-1])
+    mean, std = feats.mean(0), feats.std(0)  # the one sample is all the statistics see
+    p0 = plain.model.model.vision_backbone.image_pooling_2d
+    p1 = folded.model.model.vision_backbone.image_pooling_2d
+    with torch.no_grad():
+        for a, b in ((p0.wq, p1.wq), (p0.wk, p1.wk), (p0.wv, p1.wv)):
+            assert torch.allclose(b(feats), a((feats - mean) / std), atol=1e-3)
+            assert not torch.allclose(b(feats), a(feats), atol=1e-1)
+    assert not any(p.requires_grad for p in folded.model.model.vision_backbone.image_vit.parameters())

@@ -280,8 +280,13 @@ class ModelConfig:
     n_action_bins: int = 256
     tie_word_embeddings: bool = False
     norm_stats: dict[str, ActionStats] = field(default_factory=dict)
+    # Not an official field: "official" when the checkpoint was trained only on the official answer
+    # wording, so decoding forces that wording (runtime/engine/grammar.py); absent means "free".
+    answer_glue: str = "free"
 
     def __post_init__(self):
+        if self.answer_glue not in ("free", "official"):
+            raise ConfigError(f"answer_glue must be 'free' or 'official', got {self.answer_glue!r}")
         nl = self.vit.num_hidden_layers
         for layer in self.adapter.vit_layers:
             if not -nl <= layer < nl:
@@ -344,6 +349,7 @@ class ModelConfig:
                 n_action_bins=data.get("n_action_bins", 256),
                 tie_word_embeddings=data.get("tie_word_embeddings", False),
                 norm_stats={k: ActionStats.from_json(k, v) for k, v in stats.items()},
+                answer_glue=data.get("answer_glue", "free"),
             )
         except ConfigError as e:
             msg = str(e)

@@ -11,6 +11,11 @@ MOLMOACT.md section 8)::
 * GLUE is free text of at most ``glue_budget`` tokens per gap, made of base-vocabulary tokens
   without ``[``, ``]``, ``<`` or ``>`` (so glue can never form a list or a depth tag that the
   official regex parser would pick up). The last gap may end with EOS; EOS is allowed nowhere else.
+  With ``glue="official"`` every gap is instead forced to the official wording (``OFFICIAL_GLUE``,
+  canonically tokenised), and so are the brackets around it: the trace opens with ``" [["`` and
+  closes with the token ``"]]."``, the actions are a flat chunk opened by ``" ["`` whose last list
+  closes with ``"]."``. A policy trained only on that wording (the demo policy) has never been
+  taught anything about other glue tokens, so they must not be able to win.
 * With a token budget (``start(max_tokens=...)``, the decode loop passes ``max_new_tokens``) a
   choice is allowed only while the shortest completion after it still fits: near the end of the
   budget glue closes, numbers and action strings take their shortest forms and no further trace
@@ -63,9 +68,18 @@ from molmoact_edge.runtime.engine.parser import (
 )
 
 GLUE_FORBIDDEN = "[]<>"
+GLUE_MODES = ("free", "official")
+# The fixture's action_parsing.json text 0: the glue before the depth block, the trace, the actions
+# and after them (the space before each opening bracket is part of its token, see the docstring).
+OFFICIAL_GLUE = ("The depth map of the first image is ",
+                 ". The trajectory of the end effector in the first image is ",
+                 ". Based on these information, along with other images from different camera views as additional "
+                 "information, the action that the robot should take is ",
+                 ".")
 
 # phases of an answer
 GLUE_DEPTH, DEPTH, GLUE_TRACE, TRACE, GLUE_ACTION, ACTION, GLUE_END, DONE = range(8)
+GLUE_PHASES = (GLUE_DEPTH, GLUE_TRACE, GLUE_ACTION, GLUE_END)
 _PHASE_NAMES = ("glue before depth", "depth codes", "glue before trace", "trace", "glue before actions",
                 "actions", "glue before end", "done")
 # trace sub-states
@@ -100,6 +114,7 @@ class GrammarSpec:
     depth_codes: int = DEFAULT_DEPTH_CODES
     max_actions: int = 1
     glue_budget: int = 64
+    glue: str = "free"  # "official": every glue gap forced to OFFICIAL_GLUE
 
     def __post_init__(self):
         for name, lo in (("action_dim", 1), ("n_action_bins", 2), ("depth_codes", 1), ("max_actions", 1),
@@ -107,6 +122,8 @@ class GrammarSpec:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise GrammarError(f"field {name!r} must be an integer >= {lo}, got {v!r}")
+        if self.glue not in GLUE_MODES:
+            raise GrammarError(f"field 'glue' must be one of {GLUE_MODES}, got {self.glue!r}")
 
 
 class _Trie:
@@ -177,17 +194,24 @@ class OutputGrammar:
             raise GrammarError("the action decoder was built for another tokenizer or n_action_bins")
         self._build_vocab_tables(tokenizer.rust.get_vocab(with_added_tokens=False), sp.base_vocab_size)
         self._build_element_tries()
+        # free glue: no forced tokens, every closing bracket that continues with glue
+        self.forced_glue = {ph: () for ph in GLUE_PHASES}
+        self.trace_closers, self.action_closers = self.closers2, self.closers1
+        self.glue_forced = False  # set once the official tables are built (they are cut by the free automaton)
+        if spec.glue == "official":
+            self._force_official_glue()
 
     @classmethod
     def from_tokenizer(cls, tokenizer, action_dim: int, n_action_bins: int = 256,
                        depth_codes: int = DEFAULT_DEPTH_CODES, max_actions: int = 1, glue_budget: int = 64,
-                       decoder: ActionDecoder | None = None) -> OutputGrammar:
+                       decoder: ActionDecoder | None = None, glue: str = "free") -> OutputGrammar:
         """``depth_codes`` codes per depth block, 1..``max_actions`` action lists, at most
         ``glue_budget`` free tokens per glue gap (then the next part is forced, so even random
-        weights finish). ``decoder`` (with an unnorm key) makes ActionComplete carry de-normalised
+        weights finish); ``glue="official"`` forces every gap to the official wording instead.
+        ``decoder`` (with an unnorm key) makes ActionComplete carry de-normalised
         values; without one they stay normalised."""
         spec = GrammarSpec(action_dim=action_dim, n_action_bins=n_action_bins, depth_codes=depth_codes,
-                           max_actions=max_actions, glue_budget=glue_budget)
+                           max_actions=max_actions, glue_budget=glue_budget, glue=glue)
         if decoder is None:
             decoder = ActionDecoder(base_vocab=tokenizer.rust.get_vocab(with_added_tokens=False),
                                     base_vocab_size=tokenizer.special.base_vocab_size,
@@ -211,7 +235,7 @@ class OutputGrammar:
             action_dim = decoder.stats.action_dim
         return cls.from_tokenizer(tokenizer, action_dim, n_action_bins=config.n_action_bins,
                                   depth_codes=depth_codes, max_actions=max_actions, glue_budget=glue_budget,
-                                  decoder=decoder)
+                                  decoder=decoder, glue=config.answer_glue)
 
     # -- construction -------------------------------------------------------------------------
     def _id(self, text: str) -> int:
@@ -309,6 +333,35 @@ class OutputGrammar:
                      True: [sum(t.max_left[0] for t in tries[e:]) for e in range(dim + 1)]}
         self.list_len = {w: self.tail[w][0] + 1 for w in (False, True)}
 
+    def _force_official_glue(self) -> None:
+        """Tokenise one answer in the official wording and let the free automaton cut it: the
+        tokens it reads as glue become each gap's forced sequence, the token that leaves a gap its
+        only exit, and the tokens that close the trace and the last action list the only closers."""
+        g0, g1, g2, g3 = OFFICIAL_GLUE
+        table = [self.tokenizer.id_to_token(i) for i in self.rank_id]
+        text = (g0 + "<DEPTH_START>" + "<DEPTH_0>" * self.spec.depth_codes + "<DEPTH_END>" + g1 + "[[1, 2]]" + g2
+                + "[" + ", ".join(table[:1] * self.spec.action_dim) + "]" + g3)
+        ids = self.tokenizer.encode(text) + [self.eos]
+        state = GrammarState(self)
+        glue = {ph: [] for ph in GLUE_PHASES}
+        exits, closers = {}, {}
+        for t in ids:
+            before = state.phase
+            state.advance(t)  # the free grammar accepts the official wording (GrammarError otherwise)
+            if before in GLUE_PHASES:
+                (glue[before].append(t) if state.phase == before else exits.__setitem__(before, t))
+            elif before in (TRACE, ACTION) and state.phase != before:
+                closers[before] = t
+        if not state.is_complete:
+            raise GrammarError("the official wording did not tokenise into one complete answer")
+        self.forced_glue = {ph: tuple(v) for ph, v in glue.items()}
+        self.glue_exits = {ph: np.array([exits[ph]], dtype=np.int64) for ph in GLUE_PHASES}
+        self.glue_exit_sets = {ph: frozenset([exits[ph]]) for ph in GLUE_PHASES}
+        self.trace_closers = np.array([closers[TRACE]], dtype=np.int64)
+        self.action_closers = np.array(sorted({closers[ACTION], self.close_point}), dtype=np.int64)
+        self._num_cache.clear()
+        self.glue_forced = True
+
     # -- cursors ------------------------------------------------------------------------------
     def start(self, trace=None, max_tokens: int | None = None) -> GrammarState:
         """A cursor at the beginning of an answer. ``trace`` (1-5 (x, y) integer points in 0..255)
@@ -353,7 +406,7 @@ class OutputGrammar:
                 else:
                     if more_points:
                         opts.append(self.close_point)
-                    opts.extend(self.closers2.tolist())
+                    opts.extend(self.trace_closers.tolist())
             ids = np.array(sorted(opts), dtype=np.int64)
             self._num_cache[key] = ids
         return ids
@@ -401,6 +454,9 @@ class GrammarState:
     def _sparse_ids(self) -> np.ndarray | None:
         """Allowed ids (sorted) where they are few; None in free glue (use the precomputed mask)."""
         g, ph = self.g, self.phase
+        if ph in GLUE_PHASES and g.glue_forced:
+            forced = g.forced_glue[ph]
+            return np.array([forced[self.glue_used]]) if self.glue_used < len(forced) else g.glue_exits[ph]
         if ph in (GLUE_DEPTH, GLUE_TRACE, GLUE_ACTION, GLUE_END):
             # glue only while the longest completion still fits after it: the budget never
             # shortens the model's numbers or action strings because of its own glue
@@ -435,10 +491,12 @@ class GrammarState:
         g = self.g
         more = lists_done < g.spec.max_actions
         if not self.nested:
-            ids = g.closers1  # "]," continues the chunk while lists remain, else it is "]" + glue
+            ids = g.action_closers  # "]," continues the chunk while lists remain, else it is "]" + glue
+            if not more and g.glue_forced:  # that glue "," is not the official wording
+                ids = ids[ids != g.close_point]
         else:
             ids = g.closers2_more if more else g.closers2
-        if more and not self._fits(g.list_len[True] + 2):  # no room for another list: "]," is out
+        if more and not self._fits(g.list_len[True] + 2 + self._glue_left()):  # no room for another list: "]," is out
             ids = ids[ids != g.close_point]
         return ids
 
@@ -450,7 +508,7 @@ class GrammarState:
             if self.digits:
                 # another point ("]," then " [" and the point) only if its longest form fits;
                 # another digit only if the shortest completion still does
-                drop = [] if self._fits(1 + _POINT[True] + self._after_trace(True)) else [g.close_point]
+                drop = [] if self._fits(1 + _POINT[True] + self._after_trace(True) + self._glue_left()) else [g.close_point]
                 if self._slack() < 1:
                     drop += list(g.digit_of)
                 if drop:
@@ -461,7 +519,7 @@ class GrammarState:
             return np.array([g.digit_id[int(want[len(self.digits)])]])
         if self.field == 0:
             return np.array([g.comma])
-        return np.array([g.close_point]) if len(self.points) + 1 < len(t) else g.closers2
+        return np.array([g.close_point]) if len(self.points) + 1 < len(t) else g.trace_closers
 
     # -- the token budget -----------------------------------------------------------------------
     # Two bounds: optional structure (glue, another trace point, another action list) is allowed
@@ -482,8 +540,20 @@ class GrammarState:
         return 1 + self.g.list_len[worst] + 1  # opener, one list, EOS
 
     def to_finish(self, worst: bool = False) -> int:
-        """Tokens that complete the answer from here with no glue, one trace point and one action
-        list, EOS included: the fewest, or with ``worst`` the most the model's values may take."""
+        """Tokens that complete the answer from here with no optional glue (forced glue counts),
+        one trace point and one action list, EOS included: the fewest, or with ``worst`` the most
+        the model's values may take."""
+        return self._structure_left(worst) + self._glue_left()
+
+    def _glue_left(self) -> int:
+        """Forced glue tokens still to come (none with free glue: it is optional)."""
+        if not self.g.glue_forced:
+            return 0
+        f = self.g.forced_glue
+        n = sum(len(f[ph]) for ph in GLUE_PHASES if ph > self.phase)
+        return n + (len(f[self.phase]) - self.glue_used if self.phase in GLUE_PHASES else 0)
+
+    def _structure_left(self, worst: bool) -> int:
         g, ph = self.g, self.phase
         if ph == DONE:
             return 0

@@ -84,7 +84,7 @@ class Pipeline:
         if key not in self._grammars:
             self._grammars[key] = OutputGrammar.from_tokenizer(
                 self.spec.tokenizer, r.action_dim, n_action_bins=self.spec.config.n_action_bins,
-                max_actions=max_actions, decoder=r.decoder)
+                max_actions=max_actions, decoder=r.decoder, glue=self.spec.config.answer_glue)
         return self._grammars[key]
 
     def drafter(self, draft_from=None, ngram: bool = False, **options) -> Drafter | None:
