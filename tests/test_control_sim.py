@@ -225,7 +225,9 @@ def test_sim_killed_mid_motion_stops(tmp_path, frames_dir):
         result, records, *_ = run_loop(server.host, frames_dir / "loop", tmp_path, policy=policy, duration=8.0,
                                        during=kill_later)
     assert result.reason == "fault" and result.fault.kind == "arm_error"
-    assert "no new robot state" in result.fault.message or "robot state failed" in result.fault.message
+    # Our state watchdog, a failed state read, or libfranka's own UDP timeout (about 1 s, before
+    # the tests' 2 s state limit): each names the lost link.
+    assert any(why in result.fault.message for why in ("no new robot state", "robot state failed", "UDP receive: Timeout"))
     stop = stops(records)[-1]
     # The link-loss watchdog fired after the kill (not falsely before it), within its limit + a tick
     # (the latency at the default 100 ms limit is measured in the benchmark).
