@@ -198,7 +198,8 @@ def _run(args: argparse.Namespace, stops: StopSignals) -> int:
     except ValueError as e:  # a camera option the driver refuses (e.g. --record not ending in .db3)
         raise UsageError(str(e)) from e
     try:
-        robot = open_robot(args.robot, args.dynamics, not args.no_gripper, args.state_timeout)
+        # the process ends after the run: franky's destructors (which can block in libfranka) never run
+        robot = open_robot(args.robot, args.dynamics, not args.no_gripper, args.state_timeout, release_at_exit=True)
         with CameraSet(cameras), robot as arm:
             for cam in cameras:
                 cam.wait_first_frame(5.0)

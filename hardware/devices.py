@@ -26,8 +26,10 @@ SIM_STATE_TIMEOUT_S = 0.5  # --robot sim: no new state for this long means the s
 
 
 @contextlib.contextmanager
-def open_robot(spec: str, dynamics: float, gripper: bool, state_timeout_s: float | None = None):
-    """state_timeout_s: None picks the default for the kind of robot (see the constants above)."""
+def open_robot(spec: str, dynamics: float, gripper: bool, state_timeout_s: float | None = None,
+               release_at_exit: bool = False):
+    """state_timeout_s: None picks the default for the kind of robot (see the constants above);
+    release_at_exit: for a process that ends after the run (FrankyConfig.release_at_exit)."""
     from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
 
     kind, _, arg = spec.partition(":")
@@ -36,13 +38,13 @@ def open_robot(spec: str, dynamics: float, gripper: bool, state_timeout_s: float
             raise ValueError("--robot franka:IP needs the robot's FCI address, e.g. franka:172.16.0.2")
         timeout = ROBOT_STATE_TIMEOUT_S if state_timeout_s is None else state_timeout_s
         with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper,
-                                    state_timeout_s=timeout)) as arm:
+                                    state_timeout_s=timeout, release_at_exit=release_at_exit)) as arm:
             yield arm
     elif kind == "sim":
         if arg:
             timeout = SIM_STATE_TIMEOUT_S if state_timeout_s is None else state_timeout_s
             with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper,
-                                        state_timeout_s=timeout)) as arm:
+                                        state_timeout_s=timeout, release_at_exit=release_at_exit)) as arm:
                 yield arm
         else:
             from molmoact_edge.hardware.sim import SimServer
@@ -53,7 +55,7 @@ def open_robot(spec: str, dynamics: float, gripper: bool, state_timeout_s: float
                 # controller's link may go silent (100 ms): the simulator gets its own default.
                 timeout = SIM_STATE_TIMEOUT_S if state_timeout_s is None else state_timeout_s
                 with FrankyArm(FrankyConfig(sim.host, dynamics_factor=dynamics, gripper=gripper,
-                                            state_timeout_s=timeout)) as arm:
+                                            state_timeout_s=timeout, release_at_exit=release_at_exit)) as arm:
                     yield arm
     else:
         raise ValueError(f"--robot {spec!r}: expected franka:IP, sim or sim:HOST")

@@ -255,3 +255,23 @@ def test_other_planner_errors_are_faults_at_once(sim):  # noqa: F811
         robot.fail(-100)
         wait_for(lambda: arm.state().error is not None, 5.0, "the fault")
         assert "-100" in arm.state().error and not arm.planner_recoveries
+
+
+@pytest.mark.fault
+def test_a_process_ending_after_the_run_never_runs_franky_s_destructor(sim):  # noqa: F811
+    """`run` sets release_at_exit: a clean close() stops the arm and ends the threads, and leaves
+    franky's objects to the end of the process. Their destructor blocked a SIGTERM'd run for more
+    than 15 s once under load (a clean close: the arm had stopped, the link was fine)."""
+    import threading
+
+    from molmoact_edge.hardware import franky_arm
+    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
+
+    arm = FrankyArm(FrankyConfig(sim.host, state_timeout_s=STATE_TIMEOUT_S, gripper=False, release_at_exit=True)).connect()
+    arm._robot = blocking = _BlockingDestructor(arm._robot)  # its __del__ would sleep an hour
+    del blocking
+    closer = threading.Thread(target=arm.close, daemon=True)
+    closer.start()
+    closer.join(10.0)
+    assert not closer.is_alive(), "close() ran franky's destructor"
+    assert any(isinstance(o, _BlockingDestructor) for o in franky_arm._ABANDONED)
