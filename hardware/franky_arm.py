@@ -238,6 +238,11 @@ class FrankyArm:
                 if t is not None and not _joined(t, deadline)]
         self._commander = self._monitor = self._gripper_thread = None
         clean = link_ok and confirmed and not busy and self._error is None
+        if clean and self._robot is not None and not self._motion_ended(deadline):
+            clean = False
+            log.warning("%s: franky's motion thread did not end within %.1f s (libfranka still waiting on the "
+                        "controller); its objects are left to the end of the process", self.name,
+                        self.config.close_timeout_s)
         robot, gripper, self._robot, self._gripper = self._robot, self._gripper, None, None
         for obj in (robot, gripper):
             if obj is not None and (not clean or self.config.release_at_exit):
@@ -246,6 +251,17 @@ class FrankyArm:
             log.warning("%s: %s still inside libfranka after %.1f s; left behind (daemon)", self.name,
                         ", ".join(t.name for t in busy), self.config.close_timeout_s)
         del robot, gripper  # clean: franky closes the connection now
+
+    def _motion_ended(self, deadline: float) -> bool:
+        """Whether franky's motion thread has ended, waiting (without the GIL) until `deadline`.
+
+        franky's destructor joins that thread while holding the GIL, with no timeout. We saw it wait
+        forever: after a stop and a new target in quick succession, libfranka sat in startMotion
+        waiting for franky-sim to confirm a motion it never confirmed, and the whole process froze."""
+        try:
+            return bool(self._robot.join_motion(timeout=max(0.05, deadline - time.monotonic())))
+        except Exception:  # the motion ended with an error (already reported, or ours: the stop)
+            return True
 
     def __enter__(self) -> FrankyArm:
         return self.connect()

@@ -275,3 +275,30 @@ def test_a_process_ending_after_the_run_never_runs_franky_s_destructor(sim):  # 
     closer.join(10.0)
     assert not closer.is_alive(), "close() ran franky's destructor"
     assert any(isinstance(o, _BlockingDestructor) for o in franky_arm._ABANDONED)
+
+
+class _StuckMotionThread(_BlockingDestructor):
+    """franky's Robot whose motion thread never ends (libfranka waiting in startMotion for a motion
+    the controller never confirms: seen after a stop and a new target in quick succession), so its
+    destructor, which joins that thread, would block. Everything else is the real robot."""
+
+    def join_motion(self, timeout=None):
+        time.sleep(min(timeout or 0.0, 0.2))
+        return False
+
+
+@pytest.mark.fault
+def test_close_never_destroys_franky_while_its_motion_thread_runs(sim):  # noqa: F811
+    import threading
+
+    from molmoact_edge.hardware import franky_arm
+    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
+
+    arm = FrankyArm(FrankyConfig(sim.host, state_timeout_s=STATE_TIMEOUT_S, gripper=False)).connect()
+    arm._robot = stuck = _StuckMotionThread(arm._robot)
+    del stuck
+    closer = threading.Thread(target=arm.close, daemon=True)
+    closer.start()
+    closer.join(10.0)
+    assert not closer.is_alive(), "close() ran franky's destructor on a running motion thread"
+    assert any(isinstance(o, _StuckMotionThread) for o in franky_arm._ABANDONED)
