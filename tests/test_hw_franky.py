@@ -257,24 +257,29 @@ def test_other_planner_errors_are_faults_at_once(sim):  # noqa: F811
         assert "-100" in arm.state().error and not arm.planner_recoveries
 
 
-@pytest.mark.fault
-def test_a_process_ending_after_the_run_never_runs_franky_s_destructor(sim):  # noqa: F811
-    """`run` sets release_at_exit: a clean close() stops the arm and ends the threads, and leaves
-    franky's objects to the end of the process. Their destructor blocked a SIGTERM'd run for more
-    than 15 s once under load (a clean close: the arm had stopped, the link was fine)."""
+def _close_leaves_franky_alive(sim, wrapper, **config) -> None:
+    """Connect, put `wrapper` around franky's Robot (the only reference), close() in a thread: it must
+    return within 10 s and leave the wrapped robot to the end of the process, undestroyed."""
     import threading
 
     from molmoact_edge.hardware import franky_arm
     from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
 
-    arm = FrankyArm(FrankyConfig(sim.host, state_timeout_s=STATE_TIMEOUT_S, gripper=False, release_at_exit=True)).connect()
-    arm._robot = blocking = _BlockingDestructor(arm._robot)  # its __del__ would sleep an hour
-    del blocking
+    arm = FrankyArm(FrankyConfig(sim.host, state_timeout_s=STATE_TIMEOUT_S, gripper=False, **config)).connect()
+    arm._robot = wrapper(arm._robot)
     closer = threading.Thread(target=arm.close, daemon=True)
     closer.start()
     closer.join(10.0)
     assert not closer.is_alive(), "close() ran franky's destructor"
-    assert any(isinstance(o, _BlockingDestructor) for o in franky_arm._ABANDONED)
+    assert any(isinstance(o, wrapper) for o in franky_arm._ABANDONED)
+
+
+@pytest.mark.fault
+def test_a_process_ending_after_the_run_never_runs_franky_s_destructor(sim):  # noqa: F811
+    """`run` sets release_at_exit: a clean close() stops the arm and ends the threads, and leaves
+    franky's objects to the end of the process. Their destructor blocked a SIGTERM'd run for more
+    than 15 s once under load (a clean close: the arm had stopped, the link was fine)."""
+    _close_leaves_franky_alive(sim, _BlockingDestructor, release_at_exit=True)  # its __del__ would sleep an hour
 
 
 class _StuckMotionThread(_BlockingDestructor):
@@ -289,16 +294,4 @@ class _StuckMotionThread(_BlockingDestructor):
 
 @pytest.mark.fault
 def test_close_never_destroys_franky_while_its_motion_thread_runs(sim):  # noqa: F811
-    import threading
-
-    from molmoact_edge.hardware import franky_arm
-    from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
-
-    arm = FrankyArm(FrankyConfig(sim.host, state_timeout_s=STATE_TIMEOUT_S, gripper=False)).connect()
-    arm._robot = stuck = _StuckMotionThread(arm._robot)
-    del stuck
-    closer = threading.Thread(target=arm.close, daemon=True)
-    closer.start()
-    closer.join(10.0)
-    assert not closer.is_alive(), "close() ran franky's destructor on a running motion thread"
-    assert any(isinstance(o, _StuckMotionThread) for o in franky_arm._ABANDONED)
+    _close_leaves_franky_alive(sim, _StuckMotionThread)
