@@ -128,11 +128,6 @@ def tilt(q: np.ndarray, axis0: np.ndarray) -> float:
     return float(np.arccos(np.clip(np.dot(tool_axis(q), axis0), -1.0, 1.0)))
 
 
-def wrist_point(p: np.ndarray, q: np.ndarray, offset_m: float) -> np.ndarray:
-    """The point `offset_m` behind the TCP position `p` along the tool axis of `q`."""
-    return np.asarray(p, float) - offset_m * tool_axis(q)
-
-
 def _limit(v: np.ndarray, n_max: float) -> np.ndarray:
     n = float(np.linalg.norm(v))
     return v if n <= n_max else v * (n_max / n)
