@@ -104,14 +104,14 @@ class FrankyConfig:
     # stops. Up to this many such failures within `planner_retry_window_s` are recovered from: the
     # arm settles for `planner_settle_s`, controller errors are cleared, and the next target starts
     # a new motion from rest. One more is a fault. 0 makes the first one a fault.
+    planner_retries: int = 3
+    planner_retry_window_s: float = 60.0
+    planner_settle_s: float = 0.2
     # close() stops the arm and ends the threads; then franky's objects are destroyed, and their
     # destructors can block inside libfranka (a SIGTERM test under load hung more than 15 s in a
     # clean close). A process that ends right after (the CLI's `run`) sets this: the objects are left
     # to the end of the process, when the OS closes their connections, and close() cannot hang there.
     release_at_exit: bool = False
-    planner_retries: int = 3
-    planner_retry_window_s: float = 60.0
-    planner_settle_s: float = 0.2
 
     def __post_init__(self) -> None:
         if not self.host:
