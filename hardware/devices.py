@@ -32,30 +32,21 @@ def open_robot(spec: str, dynamics: float, gripper: bool, state_timeout_s: float
     release_at_exit: for a process that ends after the run (FrankyConfig.release_at_exit)."""
     from molmoact_edge.hardware.franky_arm import FrankyArm, FrankyConfig
 
-    kind, _, arg = spec.partition(":")
-    if kind == "franka":
-        if not arg:
-            raise ValueError("--robot franka:IP needs the robot's FCI address, e.g. franka:172.16.0.2")
-        timeout = ROBOT_STATE_TIMEOUT_S if state_timeout_s is None else state_timeout_s
-        with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper,
-                                    state_timeout_s=timeout, release_at_exit=release_at_exit)) as arm:
-            yield arm
-    elif kind == "sim":
-        if arg:
-            timeout = SIM_STATE_TIMEOUT_S if state_timeout_s is None else state_timeout_s
-            with FrankyArm(FrankyConfig(arg, dynamics_factor=dynamics, gripper=gripper,
-                                        state_timeout_s=timeout, release_at_exit=release_at_exit)) as arm:
-                yield arm
-        else:
+    kind, _, host = spec.partition(":")
+    if kind not in ("franka", "sim"):
+        raise ValueError(f"--robot {spec!r}: expected franka:IP, sim or sim:HOST")
+    if kind == "franka" and not host:
+        raise ValueError("--robot franka:IP needs the robot's FCI address, e.g. franka:172.16.0.2")
+    # A local simulator that waits for CPU freezes its clock for longer than a real controller's
+    # link may go silent (100 ms): the simulator gets its own default.
+    default_timeout = ROBOT_STATE_TIMEOUT_S if kind == "franka" else SIM_STATE_TIMEOUT_S
+    with contextlib.ExitStack() as stack:
+        if kind == "sim" and not host:  # `--robot sim`: a franky-sim of our own, for this run
             from molmoact_edge.hardware.sim import SimServer
 
-            with SimServer() as sim:
-                print(f"franky-sim running on {sim.host}", file=sys.stderr)
-                # A local simulator that waits for CPU freezes its clock for longer than a real
-                # controller's link may go silent (100 ms): the simulator gets its own default.
-                timeout = SIM_STATE_TIMEOUT_S if state_timeout_s is None else state_timeout_s
-                with FrankyArm(FrankyConfig(sim.host, dynamics_factor=dynamics, gripper=gripper,
-                                            state_timeout_s=timeout, release_at_exit=release_at_exit)) as arm:
-                    yield arm
-    else:
-        raise ValueError(f"--robot {spec!r}: expected franka:IP, sim or sim:HOST")
+            host = stack.enter_context(SimServer()).host
+            print(f"franky-sim running on {host}", file=sys.stderr)
+        config = FrankyConfig(host, dynamics_factor=dynamics, gripper=gripper,
+                              state_timeout_s=default_timeout if state_timeout_s is None else state_timeout_s,
+                              release_at_exit=release_at_exit)
+        yield stack.enter_context(FrankyArm(config))
