@@ -98,37 +98,34 @@ def export_vision(model: MolmoAct, path: Path, opset: int) -> None:
 
 
 def export_llm(model: MolmoAct, path: Path, dtype: torch.dtype, opset: int) -> None:
-    c = model.config.llm
-    q, past = 3, 5
-    example = (torch.randn(1, q, c.hidden_size, dtype=dtype), torch.arange(past, past + q),
-               torch.randn(past, c.num_hidden_layers, 2, c.num_key_value_heads, c.head_dim, dtype=dtype),
-               torch.tensor([q - 1]))
-    n = c.max_position_embeddings
-    tokens = torch.export.Dim("q", min=1, max=n)
-    dims = {"inputs_embeds": {1: tokens}, "position_ids": {0: tokens},
-            "past_kv": {0: torch.export.Dim("past", min=0, max=n)},
-            "logits_index": {0: torch.export.Dim("rows", min=1, max=n)}}
-    program = torch.onnx.export(LlmGraph(model).eval(), example, dynamo=True, opset_version=opset,
-                                input_names=["inputs_embeds", "position_ids", "past_kv", "logits_index"],
-                                output_names=["logits", "new_kv"], dynamic_shapes=dims, verbose=False)
-    _save(program, path, _param_bytes(model) - _param_bytes(model.model.vision_backbone))
+    _export_llm_graph(LlmGraph(model), model, path, dtype, opset, cache_input="past_kv",
+                      cache_dim=("past", 0), example_past=5, example_cache=5)
 
 
 def export_llm_static(model: MolmoAct, path: Path, dtype: torch.dtype, opset: int) -> None:
     """The static-cache LLM graph (graphs.StaticLlmGraph): the cache input is the whole buffer, whose
     length (``max_seq_len``) is chosen once per session or engine, never per token."""
+    _export_llm_graph(StaticLlmGraph(model), model, path, dtype, opset, cache_input="kv_cache",
+                      cache_dim=("max_seq_len", 2), example_past=5, example_cache=11)
+
+
+def _export_llm_graph(graph: torch.nn.Module, model: MolmoAct, path: Path, dtype: torch.dtype, opset: int,
+                      cache_input: str, cache_dim: tuple[str, int], example_past: int, example_cache: int) -> None:
+    """One LLM graph: 3 example query tokens at positions from `example_past`, a cache of
+    `example_cache` rows; the query, the cache (`cache_dim`: name and minimum) and the logits rows
+    are dynamic up to max_position_embeddings."""
     c = model.config.llm
-    q, start, cache = 3, 5, 11
-    example = (torch.randn(1, q, c.hidden_size, dtype=dtype), torch.arange(start, start + q),
-               torch.randn(cache, c.num_hidden_layers, 2, c.num_key_value_heads, c.head_dim, dtype=dtype),
+    q = 3
+    example = (torch.randn(1, q, c.hidden_size, dtype=dtype), torch.arange(example_past, example_past + q),
+               torch.randn(example_cache, c.num_hidden_layers, 2, c.num_key_value_heads, c.head_dim, dtype=dtype),
                torch.tensor([q - 1]))
     n = c.max_position_embeddings
     tokens = torch.export.Dim("q", min=1, max=n)
     dims = {"inputs_embeds": {1: tokens}, "position_ids": {0: tokens},
-            "kv_cache": {0: torch.export.Dim("max_seq_len", min=2, max=n)},
+            cache_input: {0: torch.export.Dim(cache_dim[0], min=cache_dim[1], max=n)},
             "logits_index": {0: torch.export.Dim("rows", min=1, max=n)}}
-    program = torch.onnx.export(StaticLlmGraph(model).eval(), example, dynamo=True, opset_version=opset,
-                                input_names=["inputs_embeds", "position_ids", "kv_cache", "logits_index"],
+    program = torch.onnx.export(graph.eval(), example, dynamo=True, opset_version=opset,
+                                input_names=["inputs_embeds", "position_ids", cache_input, "logits_index"],
                                 output_names=["logits", "new_kv"], dynamic_shapes=dims, verbose=False)
     _save(program, path, _param_bytes(model) - _param_bytes(model.model.vision_backbone))
 
