@@ -1,6 +1,7 @@
 """Expert data for the demo policy, in MolmoAct's exact output format.
 
-Each sample is (rendered scene image, instruction, answer). The answer uses the official glue
+Each sample is (rendered scene image, instruction, answer); every image is written once per object
+in its scene, each object named in turn (`frame_records`). The answer uses the official glue
 wording (the fixture's `action_parsing.json` text 0) and:
 
 * depth: a FIXED, documented stand-in for MolmoAct's depth VQ-VAE. The rendered depth (metres) is
@@ -27,7 +28,7 @@ samples.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -191,21 +192,31 @@ def generate(out_dir: str | Path, cfg: DataConfig, tokenizer, progress=lambda *a
             rng = np.random.default_rng(seed + 7919)
             for k, ee in enumerate(_positions(scene, cfg, rng)):
                 rgb, depth = renderer.render(poser.pose(ee))
-                acts = expert_actions(ee, scene.target_object.goal, STEP_M, CHUNK)
-                bins = action_bins(acts)
-                trace = trace_points(ee, scene)
                 name = f"images/{seed:04d}-{k:02d}.png"
                 Image.fromarray(rgb).save(out / name)
-                record = {"image": name, "seed": seed, "instruction": scene.instruction,
-                          "answer": answer_text(depth_codes(depth), trace, bins, table),
-                          "ee": [float(v) for v in ee], "goal": [float(v) for v in scene.target_object.goal],
-                          "object_px": [float(v) for v in project(scene.target_object.centre)[0]]}
-                f.write(json.dumps(record) + "\n")
-                n += 1
+                for record in frame_records(scene, ee, name, depth_codes(depth), table):
+                    f.write(json.dumps(record) + "\n")
+                    n += 1
             renderer.close()
             progress(f"seed {seed}: {n} samples")
     (out / "norm_stats.json").write_text(json.dumps(NORM_STATS, indent=2))
     return out
+
+
+def frame_records(scene: Scene, ee: np.ndarray, image: str, codes: list[int], table: list[str]) -> list[dict]:
+    """One sample per object of the scene, each object named in turn: the same image under every
+    instruction it can pose. Without this, frames along the path to the named object let the arm's
+    own position give the target away, and a policy can score well on the training loss while
+    ignoring the instruction (the first trained policy's last trace point did not depend on it)."""
+    records = []
+    for j, o in enumerate(scene.objects):
+        named = replace(scene, target=j)
+        bins = action_bins(expert_actions(ee, o.goal, STEP_M, CHUNK))
+        records.append({"image": image, "seed": scene.seed, "target": j, "instruction": named.instruction,
+                        "answer": answer_text(codes, trace_points(ee, named), bins, table),
+                        "ee": [float(v) for v in ee], "goal": [float(v) for v in o.goal],
+                        "object_px": [float(v) for v in project(o.centre)[0]]})
+    return records
 
 
 def read_samples(data_dir: str | Path) -> list[dict]:

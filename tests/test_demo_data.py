@@ -15,7 +15,7 @@ from molmoact_edge.export.demo_data import (
     generate,
     read_samples,
 )
-from molmoact_edge.hardware.scene import camera_intrinsics
+from molmoact_edge.hardware.scene import Scene, camera_intrinsics, project
 from molmoact_edge.runtime.control.convention import convention_for
 from molmoact_edge.runtime.control.expert import DEMO_UNNORM_KEY, expert_actions
 from molmoact_edge.runtime.engine.actions import ActionDecoder
@@ -46,7 +46,7 @@ def _decoder(tok):
 
 def test_answers_parse_to_what_the_expert_meant(tok, data):
     out, samples = data
-    assert len(samples) == 2 * 3 and all((out / s["image"]).is_file() for s in samples)
+    assert len(samples) == 2 * 3 * 3 and all((out / s["image"]).is_file() for s in samples)
     dec = _decoder(tok)
     intr = camera_intrinsics()
     for s in samples:
@@ -60,6 +60,21 @@ def test_answers_parse_to_what_the_expert_meant(tok, data):
         assert convention_for(DEMO_UNNORM_KEY).closedness(p.actions[0, 6]) < 0.01  # open
         last = trace_to_pixels(p.trace, intr.width, intr.height)[-1]
         assert np.linalg.norm(last - np.array(s["object_px"])) < 0.1 * intr.width
+
+
+def test_every_image_is_posed_once_per_object_with_its_own_answer(data):
+    _, samples = data
+    by_image: dict[str, list[dict]] = {}
+    for s in samples:
+        by_image.setdefault(s["image"], []).append(s)
+    for image, group in by_image.items():
+        scene = Scene.from_seed(group[0]["seed"])
+        assert sorted(s["instruction"] for s in group) == sorted(f"move to the {o.name}" for o in scene.objects)
+        assert len({s["answer"].split(" The trajectory")[1] for s in group}) == len(group)  # trace/actions differ
+        assert len({s["answer"].split(" The trajectory")[0] for s in group}) == 1  # one image, one depth map
+        for s in group:
+            o = scene.objects[s["target"]]
+            assert np.allclose(s["goal"], o.goal) and np.allclose(s["object_px"], project(o.centre)[0])
 
 
 def test_answers_are_accepted_by_the_output_grammar(tok, data):

@@ -119,3 +119,21 @@ def test_the_vit_feature_standardisation_is_folded_exactly(tiny_run):
             assert torch.allclose(b(feats), a((feats - mean) / std), atol=1e-3)
             assert not torch.allclose(b(feats), a(feats), atol=1e-1)
     assert not any(p.requires_grad for p in folded.model.model.vision_backbone.image_vit.parameters())
+
+
+def test_the_shared_prefix_group_loss_equals_the_per_sample_losses(tiny_run):
+    """One image's samples (each object named in turn) share the prompt up to the instruction; the
+    trainer runs that prefix once. Its loss and gradients must be those of the samples run apart."""
+    tr = Trainer(tiny_run / "checkpoint", tiny_run / "data", TrainConfig(steps=1, standardize_vit=False))
+    group = tr.groups[0]
+    assert len(group) == 3 and len({s["instruction"] for s in group}) == 3
+    params = tr.parameters()
+    grads = []
+    for loss in (tr.group_loss(group), torch.stack([tr.loss(s) for s in group]).mean()):
+        grads.append((float(loss), torch.autograd.grad(loss, params, allow_unused=True)))
+    (a, ga), (b, gb) = grads
+    assert a == pytest.approx(b, rel=1e-5)
+    for x, y in zip(ga, gb):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert torch.allclose(x, y, rtol=1e-3, atol=1e-6)
