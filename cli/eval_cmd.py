@@ -106,12 +106,15 @@ def _run(args: argparse.Namespace) -> int:
         if args.seed < 1000:
             raise UsageError("--trace-frames uses held-out scenes: --seed must be >= 1000")
         return _trace_accuracy(args, seeds)
-    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    # Progress goes to stderr also with --json (stdout then holds only the JSON object), so a long
+    # evaluation shows each episode as it ends.
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     if args.seed < 1000:
         say(f"note: seeds below 1000 are the demo policy's training seeds (first seed {args.seed})")
 
     def on_episode(ep):
         what = f"success in {ep.time_to_success_s:.1f} s (simulated; {ep.wall_time_to_success_s:.1f} s host)" if ep.success else \
+            f"failed ({ep.fault})" if ep.reason == "error" else \
             f"failed ({ep.fault or ep.reason}; closest {100 * ep.min_distance_m:.1f} cm)"
         lat = ep.to_dict()["step_latency_ms"]["median"]
         say(f"seed {ep.seed}: {ep.instruction!r}: {what}, {ep.steps} steps, median step latency "
@@ -123,7 +126,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(d))
     else:
+        ran = [e.seed for e in report.episodes]
         print(f"{d['policy']}: success {d['successes']}/{d['episodes']} ({100 * d['success_rate']:.0f}%), seeds "
-              f"{seeds[0]}-{seeds[-1]}; median time to success {d['time_to_success_s_median']} s, median steps "
+              f"{ran[0]}-{ran[-1]}; median time to success {d['time_to_success_s_median']} s, median steps "
               f"{d['steps_median']}, median step latency {d['step_latency_ms_median']} ms")
+    if report.stopped == "interrupted":
+        say(f"interrupted after {len(report.episodes)} of {len(seeds)} episodes (the arm was stopped); the "
+            "report covers those")
+        return 130
+    if report.stopped:
+        say(f"error: the evaluation stopped after {len(report.episodes)} of {len(seeds)} episodes: {report.stopped}. "
+            "Check that franky-sim, MuJoCo's headless GL and the bundle work (`molmoact-edge eval --policy expert "
+            "--episodes 1`), and that the CPU is not starved")
+        return 1
     return 0

@@ -3,6 +3,8 @@ privileged expert, and one short closed-loop episode through franky-sim with the
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -132,9 +134,40 @@ def test_an_interrupted_episode_ends_the_evaluation(monkeypatch):
                                 ticks=0, commands=0)
 
     monkeypatch.setattr(ev, "run_episode", fake_episode)
-    with pytest.raises(KeyboardInterrupt):
-        ev.evaluate([1000, 1001, 1002], ev.expert_spec, "expert")
-    assert ran == [1000]
+    report = ev.evaluate([1000, 1001, 1002], ev.expert_spec, "expert")
+    assert ran == [1000] and report.stopped == "interrupted" and len(report.episodes) == 1
+
+
+def test_an_episode_that_raises_is_a_failure_and_two_in_a_row_end_the_evaluation(monkeypatch):
+    # An inference worker that misses its start-up deadline on a starved CPU used to abort the whole
+    # evaluation and lose every episode already run.
+    from molmoact_edge.runtime.control import evaluate as ev
+
+    ran, broken = [], set()
+
+    def episode(seed, spec_for, config, gif):
+        ran.append(seed)
+        if seed in broken:
+            raise RuntimeError("inference worker did not start within 60 s")
+        return ev.EpisodeResult(seed=seed, instruction="", success=True, time_to_success_s=2.0,
+                                wall_time_to_success_s=3.0, final_distance_m=0.01, min_distance_m=0.01,
+                                reason="success", fault=None, steps=3, ticks=30, commands=30)
+
+    monkeypatch.setattr(ev, "run_episode", episode)
+    broken.update({1001})
+    report = ev.evaluate([1000, 1001, 1002], ev.expert_spec, "expert")
+    assert ran == [1000, 1001, 1002] and report.stopped is None
+    failed = report.episodes[1]
+    assert not failed.success and failed.reason == "error" and "did not start" in failed.fault
+    assert failed.instruction == Scene.from_seed(1001).instruction
+    assert report.success_rate == pytest.approx(2 / 3)
+    assert json.loads(report.to_json(), parse_constant=pytest.fail)["per_episode"][1]["min_distance_m"] is None
+
+    ran.clear()
+    broken.update({1003, 1004})
+    report = ev.evaluate([1002, 1003, 1004, 1005], ev.expert_spec, "expert")
+    assert ran == [1002, 1003, 1004] and "two episodes in a row" in report.stopped
+    assert [e.reason for e in report.episodes] == ["success", "error", "error"]
 
 
 def test_state_file_never_returns_a_half_written_state(tmp_path):

@@ -58,8 +58,8 @@ class EpisodeResult:
     success: bool
     time_to_success_s: float | None  # simulated seconds (franky-sim's clock)
     wall_time_to_success_s: float | None
-    final_distance_m: float
-    min_distance_m: float
+    final_distance_m: float | None  # None: the episode raised before it measured anything
+    min_distance_m: float | None
     reason: str  # "success", "timeout" (simulated limit), "duration" (host-time cap), "fault", ...
     fault: str | None
     steps: int  # policy answers (chunks) received
@@ -153,11 +153,23 @@ def write_gif(frames: list[np.ndarray], path: str | Path, period_s: float) -> Pa
     return path
 
 
+def episode_error(seed: int, n_objects: int, error: Exception) -> EpisodeResult:
+    """The record of an episode that raised instead of ending (a simulator, camera or inference worker
+    that did not start in time on a starved CPU, a lost connection): a failure, with the error."""
+    return EpisodeResult(seed=seed, instruction=Scene.from_seed(seed, n_objects).instruction, success=False,
+                         time_to_success_s=None, wall_time_to_success_s=None, final_distance_m=None,
+                         min_distance_m=None, reason="error", fault=f"{type(error).__name__}: {error}",
+                         steps=0, ticks=0, commands=0)
+
+
 @dataclass
 class EvalReport:
     policy: str
     seeds: list[int]
     episodes: list[EpisodeResult]
+    # Why the evaluation ended before its last seed: "interrupted" (Ctrl-C/SIGTERM; the arm was
+    # stopped) or the repeated error that made going on pointless; None when every seed ran.
+    stopped: str | None = None
 
     @property
     def success_rate(self) -> float:
@@ -172,7 +184,7 @@ class EvalReport:
             "time_to_success_s_median": float(np.median(times)) if times else None,
             "steps_median": float(np.median([e.steps for e in self.episodes])) if self.episodes else None,
             "step_latency_ms_median": float(np.median(lat)) if lat else None,
-            "per_episode": [e.to_dict() for e in self.episodes],
+            "stopped": self.stopped, "per_episode": [e.to_dict() for e in self.episodes],
         }
 
     def to_json(self) -> str:
@@ -182,15 +194,28 @@ class EvalReport:
 def evaluate(seeds: list[int], spec_for: Callable[[Scene], PolicySpec], policy_name: str,
              config: EvalConfig = EvalConfig(), gif_dir: str | Path | None = None, gif_episodes: int = 1,
              on_episode: Callable[[EpisodeResult], None] | None = None) -> EvalReport:
+    """Run the episodes in turn. One that raises (see `episode_error`) counts as a failure and the next
+    one runs; two in a row end the evaluation (the cause is then not one starved start-up), as does
+    an interrupted episode, with `stopped` saying why; the episodes run so far are kept."""
     report = EvalReport(policy_name, list(seeds), [])
+    errors_in_a_row = 0
     for i, seed in enumerate(seeds):
         gif = Path(gif_dir) / f"episode-{seed}.gif" if gif_dir is not None and i < gif_episodes else None
-        ep = run_episode(seed, spec_for, config, gif)
+        try:
+            ep = run_episode(seed, spec_for, config, gif)
+            errors_in_a_row = 0
+        except (RuntimeError, OSError) as e:  # ArmError, CameraError, SimError and the worker's start-up are RuntimeErrors
+            ep = episode_error(seed, config.n_objects, e)
+            errors_in_a_row += 1
         report.episodes.append(ep)
         if on_episode is not None:
             on_episode(ep)
         if ep.reason == "interrupted":  # the loop took Ctrl-C/SIGTERM and stopped the arm: end the evaluation
-            raise KeyboardInterrupt(ep.fault or "interrupted")
+            report.stopped = "interrupted"
+            break
+        if errors_in_a_row == 2:
+            report.stopped = f"two episodes in a row raised; the last: {ep.fault}"
+            break
     return report
 
 
