@@ -32,8 +32,8 @@ TRAIN_SEEDS_BELOW = 1000  # seeds < 1000 may be trained on; evaluation uses seed
 # Where objects may lie (base frame, metres): in front of the arm, inside the default workspace box.
 _X_RANGE = (0.35, 0.60)
 _Y_RANGE = (-0.22, 0.22)
-_MIN_GAP_M = 0.12
-_HALF_SIZE_M = 0.025
+_MIN_GAP_M = 0.16
+_HALF_SIZE_M = 0.045
 
 # The fixed scene camera: in front of and above the arm, looking back at the table.
 CAMERA_POS = (1.05, 0.0, 0.70)
@@ -100,8 +100,19 @@ class Scene:
                 "objects": [{"colour": o.colour, "shape": o.shape, "xy": list(o.xy)} for o in self.objects]}
 
 
+# A plain tabletop under the objects, filling the camera's view: franky-sim's floor is a blue
+# checkerboard, against which a blue object hardly shows and whose squares make every patch of the
+# image look like an object.
+TABLE_RGBA = (0.72, 0.70, 0.66, 1.0)
+_TABLE_CENTRE = (0.0, 0.0)
+_TABLE_HALF = (2.5, 2.5)
+_TABLE_TOP_M = 0.0005  # just above the floor plane (no z-fighting); objects rest on the floor
+
+
 def extend_mjcf(worldbody: ET.Element, scene: Scene) -> None:
-    """Add the scene's objects and camera to franky-sim's MuJoCo world (before it starts)."""
+    """Add the table, the scene's objects and camera to franky-sim's MuJoCo world (before it starts)."""
+    ET.SubElement(worldbody, "geom", name="table", type="box", rgba=_fmt(TABLE_RGBA), contype="0", conaffinity="0",
+                  pos=_fmt((*_TABLE_CENTRE, _TABLE_TOP_M / 2)), size=_fmt((*_TABLE_HALF, _TABLE_TOP_M / 2)))
     for i, o in enumerate(scene.objects):
         body = ET.SubElement(worldbody, "body", name=f"object{i}", pos=_fmt(o.centre))
         r, g, b = COLOURS[o.colour]

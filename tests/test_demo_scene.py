@@ -27,7 +27,7 @@ def test_scene_is_a_function_of_its_seed():
         assert len(kinds) == len(s.objects)  # the instruction names exactly one object
         xy = np.array([o.xy for o in s.objects])
         gaps = [np.linalg.norm(xy[i] - xy[j]) for i in range(len(xy)) for j in range(i)]
-        assert min(gaps) >= 0.12
+        assert min(gaps) >= 0.16
         assert s.instruction == f"move to the {s.target_object.colour} {s.target_object.shape}"
     with pytest.raises(ValueError, match="n_objects"):
         Scene.from_seed(0, n_objects=1)
