@@ -18,6 +18,8 @@ from pathlib import Path
 from molmoact_edge.argtypes import positive_int
 from molmoact_edge.errors import UsageError
 
+TRACE_WEIGHT = 1.0  # TrainConfig's default (not imported from there: that module needs torch)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the data, the checkpoint and the compact weights")
@@ -26,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-samples", type=int, default=4, help="frames per scene from random arm positions")
     p.add_argument("--steps", type=positive_int, default=3000, help="optimiser steps (one sample each)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--trace-weight", type=float, default=TRACE_WEIGHT, help="loss weight of each trace digit")
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0, help="weight initialisation and sample order")
     p.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every this many steps")
@@ -52,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from molmoact_edge.export.demo_data import NORM_STATS
 
     try:
-        tconf = TrainConfig(steps=args.steps, lr=args.lr, threads=args.threads, seed=args.seed,
+        tconf = TrainConfig(steps=args.steps, lr=args.lr, threads=args.threads, seed=args.seed, trace_weight=args.trace_weight,
                             save_every=max(0, args.save_every), standardize_vit=not args.resume)
     except ValueError as e:
         raise UsageError(str(e)) from e

@@ -76,6 +76,9 @@ class TrainConfig:
     # Weight of each depth-code token in the loss (1 for every other token): the 100 codes are the
     # largest part of an answer, while the trace and the actions are what the robot acts on.
     depth_weight: float = 0.25
+    # Weight of each digit of a trace number: where the trace ends is where the instruction and the
+    # image must meet (the named object's position), a handful of the ~330 tokens a step predicts.
+    trace_weight: float = 1.0
     # Fold a per-channel standardisation of the (frozen) ViT features into the pooling attention's
     # input projections before training (weights only; the architecture is unchanged). Measured at
     # the seeded initialisation: the projected image features had a norm of ~800 against ~11 for a
@@ -141,6 +144,9 @@ class Trainer:
 
         self.model = load_model(self.dir, torch.float32).train()
         self.support = torch.from_numpy(support_ids(self.tok))
+        # In an answer only trace numbers are spelled with digits (depth codes are special tokens,
+        # action values come from the action vocabulary); test_demo_train checks it.
+        self.digits = torch.tensor([self.tok.encode(str(d))[0] for d in range(10)])
         self.index = torch.full((len(self.tok),), -1, dtype=torch.long)
         self.index[self.support] = torch.arange(len(self.support))
         # Only the used rows of the two 152k-row tables are trained (an optimiser step over all
@@ -234,6 +240,7 @@ class Trainer:
         logits = rows @ self.head_rows.T
         sp = self.tok.special
         weights = torch.where((answer >= min(sp.depth_codes)) & (answer <= max(sp.depth_codes)), self.config.depth_weight, 1.0)
+        weights = torch.where(torch.isin(answer, self.digits), self.config.trace_weight, weights)
         return (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / weights.sum()
 
     def group_loss(self, group: list[dict]) -> torch.Tensor:
@@ -350,9 +357,49 @@ def _by_image(samples: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
+VIT_PATH = "model.vision_backbone.image_vit."
+POSITION_CHANNELS = 32  # ViT channels given to the patch position; the others carry the patch's pixels
+
+
+def fixed_vit(sd: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]:
+    """The demo's frozen ViT, a fixed and documented design instead of random blocks (it is never
+    trained: on two CPU cores its cost would dominate a training step). Channels [0, 32) hold the
+    patch's row and column as sines and cosines of eight frequencies each (periods from 2 grid widths
+    down to ~1/6 of one), channels [32, 64) a random projection of the patch's pixels, and every block
+    passes its input through unchanged (the output projections of attention and MLP are zero), so
+    each feature layer is that embedding. Random blocks mix every patch with the others and a random
+    positional table has to be learnt position by position; here the named object's colour and where
+    it lies are each a linear function of a feature."""
+    sd = dict(sd)
+    pe = torch.zeros_like(sd[VIT_PATH + "positional_embedding"])
+    r, c = (t.reshape(-1).float() for t in torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"))
+    half = POSITION_CHANNELS // 4
+    freqs = torch.pi / grid * 2.0 ** (torch.arange(half) / 2.0)
+    for k, f in enumerate(freqs):
+        pe[:, 4 * k:4 * k + 4] = torch.stack([torch.sin(f * r), torch.cos(f * r), torch.sin(f * c), torch.cos(f * c)], 1)
+    sd[VIT_PATH + "positional_embedding"] = pe
+    w = sd[VIT_PATH + "patch_embedding.weight"].clone()
+    w[:POSITION_CHANNELS] = 0
+    sd[VIT_PATH + "patch_embedding.weight"] = w
+    b = sd[VIT_PATH + "patch_embedding.bias"].clone()
+    b[:POSITION_CHANNELS] = 0
+    sd[VIT_PATH + "patch_embedding.bias"] = b
+    for k in sd:
+        if k.startswith(VIT_PATH + "transformer.") and (".attention.wo." in k or ".feed_forward.w2." in k):
+            sd[k] = torch.zeros_like(sd[k])
+    return sd
+
+
 def init_checkpoint(out_dir: Path, seed: int = 0) -> Path:
-    """A fresh demo-size checkpoint in the official layout (random weights, the demo norm_stats)."""
-    return _official_glue(write_checkpoint(out_dir, DEMO_SIZE, seed, dtype=torch.float32, norm_stats=NORM_STATS))
+    """A fresh demo-size checkpoint in the official layout (random weights except the fixed ViT of
+    `fixed_vit`, the demo norm_stats)."""
+    d = _official_glue(write_checkpoint(out_dir, DEMO_SIZE, seed, dtype=torch.float32, norm_stats=NORM_STATS))
+    from safetensors.torch import load_file
+
+    cfg = ModelConfig.load(d)
+    grid = cfg.vit.image_default_input_size[0] // cfg.vit.image_patch_size
+    write_weights(d, fixed_vit(load_file(str(d / "model.safetensors")), grid))
+    return d
 
 
 def _official_glue(checkpoint_dir: Path) -> Path:

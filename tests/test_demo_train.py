@@ -137,3 +137,14 @@ def test_the_shared_prefix_group_loss_equals_the_per_sample_losses(tiny_run):
         assert (x is None) == (y is None)
         if x is not None:
             assert torch.allclose(x, y, rtol=1e-3, atol=1e-6)
+
+
+def test_digits_in_an_answer_are_exactly_its_trace_numbers(tiny_run):
+    """`trace_weight` weighs every digit token of an answer: that must select the trace's numbers and
+    nothing else (no depth code or action value may be spelled with a digit token)."""
+    tr = Trainer(tiny_run / "checkpoint", tiny_run / "data", TrainConfig(steps=1, standardize_vit=False))
+    for s in tr.samples:
+        answer = tr._cached(s)[1]
+        digits = "".join(tr.tok.decode([int(t)]) for t in answer[torch.isin(answer, tr.digits)])
+        trace = s["answer"].split(" The trajectory of the end effector in the first image is ")[1].split(". Based")[0]
+        assert digits == "".join(ch for ch in trace if ch.isdigit()) and digits
