@@ -148,3 +148,25 @@ def test_digits_in_an_answer_are_exactly_its_trace_numbers(tiny_run):
         digits = "".join(tr.tok.decode([int(t)]) for t in answer[torch.isin(answer, tr.digits)])
         trace = s["answer"].split(" The trajectory of the end effector in the first image is ")[1].split(". Based")[0]
         assert digits == "".join(ch for ch in trace if ch.isdigit()) and digits
+
+
+def test_the_demo_vit_is_the_fixed_design(tiny_run):
+    """Every feature layer of the written checkpoint's ViT is the patch embedding: channels
+    [0, POSITION_CHANNELS) depend on the patch position only, the others on its pixels only."""
+    from molmoact_edge.export.checkpoint import load_model
+    from molmoact_edge.export.train_demo import POSITION_CHANNELS
+
+    vit = load_model(tiny_run / "checkpoint", torch.float32).model.vision_backbone.image_vit
+    n, pixels = vit.positional_embedding.shape[0], vit.patch_embedding.in_features
+    a, b = torch.randn(1, n, pixels), torch.randn(1, n, pixels)
+    with torch.no_grad():
+        fa, fb = vit(a), vit(b)
+        for f in fa:
+            assert torch.equal(f, fa[0])
+        pos, content = slice(0, POSITION_CHANNELS), slice(POSITION_CHANNELS, None)
+        assert torch.equal(fa[0][..., pos], fb[0][..., pos])  # the pixels do not reach the position channels
+        assert not torch.allclose(fa[0][..., content], fb[0][..., content])
+        rows = fa[0][0, :, pos]
+        assert torch.unique(rows, dim=0).shape[0] == n  # every patch position has its own code
+        same_pixels = vit(a[:, :1].expand(1, n, pixels).contiguous())[0][0, :, content]
+        assert torch.allclose(same_pixels, same_pixels[:1].expand_as(same_pixels))  # no position in the content
