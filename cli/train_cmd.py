@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=positive_int, default=200, help="training scenes: seeds 0..N-1 (N <= 1000)")
     p.add_argument("--path-samples", type=positive_int, default=6, help="frames per scene along the expert's path")
     p.add_argument("--random-samples", type=int, default=4, help="frames per scene from random arm positions")
+    p.add_argument("--single-object-scenes", type=int, default=0,
+                   help="also this many scenes with one object (seeds --seeds.., all below 1000): where it lies is "
+                        "then all the image tells, the first step of finding the named one among three")
     p.add_argument("--steps", type=positive_int, default=3000, help="optimiser steps (one sample each)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--trace-weight", type=float, default=TRACE_WEIGHT, help="loss weight of each trace digit")
@@ -39,8 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.seeds > 1000:
         raise UsageError(f"--seeds {args.seeds}: training seeds must stay below 1000 (evaluation uses 1000 and up)")
-    if args.random_samples < 0:
-        raise UsageError("--random-samples must be >= 0")
+    if args.random_samples < 0 or args.single_object_scenes < 0:
+        raise UsageError("--random-samples and --single-object-scenes must be >= 0")
+    if args.seeds + args.single_object_scenes > 1000:
+        raise UsageError(f"--seeds {args.seeds} + --single-object-scenes {args.single_object_scenes}: training seeds "
+                         "must stay below 1000 (evaluation uses 1000 and up)")
     from molmoact_edge.hardware.render_camera import SceneRenderer  # noqa: F401  (first: headless GL for MuJoCo)
     from molmoact_edge.export.demo_data import DataConfig, generate
     from molmoact_edge.export.train_demo import (
@@ -71,9 +77,12 @@ def run(args: argparse.Namespace) -> int:
     from molmoact_edge.runtime.engine.tokenizer import Tokenizer
 
     if not (data / "samples.jsonl").exists():
-        say(f"rendering expert samples for seeds 0..{args.seeds - 1} into {data}")
+        single = tuple(range(args.seeds, args.seeds + args.single_object_scenes))
+        say(f"rendering expert samples for seeds 0..{args.seeds - 1}"
+            + (f" and single-object seeds {single[0]}..{single[-1]}" if single else "") + f" into {data}")
         generate(data, DataConfig(seeds=tuple(range(args.seeds)), path_samples=args.path_samples,
-                                  random_samples=args.random_samples), Tokenizer.from_checkpoint(ckpt_init), say)
+                                  random_samples=args.random_samples, single_object_seeds=single),
+                 Tokenizer.from_checkpoint(ckpt_init), say)
     trainer = Trainer(ckpt, data, tconf)
     say(f"training {len(trainer.samples)} samples, {tconf.steps} steps, loss over {len(trainer.support)} "
         "support tokens")

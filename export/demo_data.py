@@ -157,9 +157,16 @@ class DataConfig:
     seeds: tuple[int, ...]
     path_samples: int = 6  # frames along the expert's path from the start pose
     random_samples: int = 4  # frames from random end-effector positions
+    # Scenes with ONE object (never evaluated): where it lies is then all the image has to tell, a
+    # one-step lesson (find the object, read its position) that the three-object scenes' two steps
+    # (which object the instruction names, then where it is) build on.
+    single_object_seeds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        bad = [s for s in self.seeds if not (0 <= s < TRAIN_SEEDS_BELOW)]
+        both = set(self.seeds) & set(self.single_object_seeds)
+        if both:
+            raise ValueError(f"DataConfig: seeds {sorted(both)[:5]} are both three-object and single-object scenes")
+        bad = [s for s in (*self.seeds, *self.single_object_seeds) if not (0 <= s < TRAIN_SEEDS_BELOW)]
         if bad:
             raise ValueError(f"DataConfig.seeds must be in [0, {TRAIN_SEEDS_BELOW}) (evaluation seeds are never "
                              f"trained on), got {bad[:5]}")
@@ -185,8 +192,8 @@ def generate(out_dir: str | Path, cfg: DataConfig, tokenizer, progress=lambda *a
     table = action_strings(tokenizer)
     n = 0
     with open(out / "samples.jsonl", "w") as f:
-        for seed in cfg.seeds:
-            scene = Scene.from_seed(seed)
+        for seed, n_objects in [(s, 3) for s in cfg.seeds] + [(s, 1) for s in cfg.single_object_seeds]:
+            scene = Scene.from_seed(seed, n_objects)
             renderer = SceneRenderer(scene)
             poser = ArmPoser(renderer)
             rng = np.random.default_rng(seed + 7919)
@@ -212,7 +219,8 @@ def frame_records(scene: Scene, ee: np.ndarray, image: str, codes: list[int], ta
     for j, o in enumerate(scene.objects):
         named = replace(scene, target=j)
         bins = action_bins(expert_actions(ee, o.goal, STEP_M, CHUNK))
-        records.append({"image": image, "seed": scene.seed, "target": j, "instruction": named.instruction,
+        records.append({"image": image, "seed": scene.seed, "n_objects": len(scene.objects), "target": j,
+                        "instruction": named.instruction,
                         "answer": answer_text(codes, trace_points(ee, named), bins, table),
                         "ee": [float(v) for v in ee], "goal": [float(v) for v in o.goal],
                         "object_px": [float(v) for v in project(o.centre)[0]]})

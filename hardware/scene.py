@@ -79,8 +79,8 @@ class Scene:
 
     @classmethod
     def from_seed(cls, seed: int, n_objects: int = 3) -> Scene:
-        if not (2 <= n_objects <= 6):
-            raise ValueError(f"Scene n_objects must be in [2, 6], got {n_objects}")
+        if not (1 <= n_objects <= 6):  # one object: training data only (see export/demo_data.py)
+            raise ValueError(f"Scene n_objects must be in [1, 6], got {n_objects}")
         if seed < 0:
             raise ValueError(f"Scene seed must be >= 0, got {seed}")
         rng = np.random.default_rng(seed)

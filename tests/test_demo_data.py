@@ -33,7 +33,8 @@ def tok(fixture_a):
 
 @pytest.fixture(scope="module")
 def data(tok, tmp_path_factory):
-    out = generate(tmp_path_factory.mktemp("demo-data"), DataConfig(seeds=(3, 4), path_samples=2, random_samples=1), tok)
+    out = generate(tmp_path_factory.mktemp("demo-data"), DataConfig(seeds=(3, 4), path_samples=2, random_samples=1,
+                                                                          single_object_seeds=(5,)), tok)
     return out, read_samples(out)
 
 
@@ -46,7 +47,7 @@ def _decoder(tok):
 
 def test_answers_parse_to_what_the_expert_meant(tok, data):
     out, samples = data
-    assert len(samples) == 2 * 3 * 3 and all((out / s["image"]).is_file() for s in samples)
+    assert len(samples) == 2 * 3 * 3 + 3 and all((out / s["image"]).is_file() for s in samples)
     dec = _decoder(tok)
     intr = camera_intrinsics()
     for s in samples:
@@ -68,9 +69,10 @@ def test_every_image_is_posed_once_per_object_with_its_own_answer(data):
     for s in samples:
         by_image.setdefault(s["image"], []).append(s)
     for image, group in by_image.items():
-        scene = Scene.from_seed(group[0]["seed"])
+        scene = Scene.from_seed(group[0]["seed"], group[0]["n_objects"])
         assert sorted(s["instruction"] for s in group) == sorted(f"move to the {o.name}" for o in scene.objects)
         assert len({s["answer"].split(" The trajectory")[1] for s in group}) == len(group)  # trace/actions differ
+        assert len(group) == (1 if group[0]["seed"] == 5 else 3)
         assert len({s["answer"].split(" The trajectory")[0] for s in group}) == 1  # one image, one depth map
         for s in group:
             o = scene.objects[s["target"]]
@@ -88,3 +90,7 @@ def test_answers_are_accepted_by_the_output_grammar(tok, data):
 def test_evaluation_seeds_are_never_training_data():
     with pytest.raises(ValueError, match="never"):
         DataConfig(seeds=(999, 1000))
+    with pytest.raises(ValueError, match="never"):
+        DataConfig(seeds=(1,), single_object_seeds=(1000,))
+    with pytest.raises(ValueError, match="both"):
+        DataConfig(seeds=(1, 2), single_object_seeds=(2,))
