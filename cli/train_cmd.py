@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0, help="weight initialisation and sample order")
     p.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every this many steps")
+    p.add_argument("--probe-scenes", type=int, default=10,
+                   help="held-out scenes (seeds 1000..) whose frames measure, at every save, whether the model reads "
+                        "the instruction and the image (Trainer.probe); 0: none")
     p.add_argument("--resume", action="store_true",
                    help="continue from the weights in --out/checkpoint (a fresh learning-rate schedule of --steps)")
 
@@ -42,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.seeds > 1000:
         raise UsageError(f"--seeds {args.seeds}: training seeds must stay below 1000 (evaluation uses 1000 and up)")
-    if args.random_samples < 0 or args.single_object_scenes < 0:
-        raise UsageError("--random-samples and --single-object-scenes must be >= 0")
+    if args.random_samples < 0 or args.single_object_scenes < 0 or args.probe_scenes < 0:
+        raise UsageError("--random-samples, --single-object-scenes and --probe-scenes must be >= 0")
     if args.seeds + args.single_object_scenes > 1000:
         raise UsageError(f"--seeds {args.seeds} + --single-object-scenes {args.single_object_scenes}: training seeds "
                          "must stay below 1000 (evaluation uses 1000 and up)")
@@ -84,10 +87,24 @@ def run(args: argparse.Namespace) -> int:
                                   random_samples=args.random_samples, single_object_seeds=single),
                  Tokenizer.from_checkpoint(ckpt_init), say)
     trainer = Trainer(ckpt, data, tconf)
+    probe_samples = []
+    if args.probe_scenes > 0:
+        from molmoact_edge.export.demo_data import read_samples, write_probe_set
+
+        probe = out / "probe"
+        if not (probe / "samples.jsonl").exists():
+            write_probe_set(probe, range(1000, 1000 + args.probe_scenes), trainer.tok)
+        probe_samples = [dict(s, image=str(probe / s["image"])) for s in read_samples(probe)]
     say(f"training {len(trainer.samples)} samples, {tconf.steps} steps, loss over {len(trainer.support)} "
         "support tokens")
 
     def save(step: int, summary: dict | None = None):
+        if probe_samples:
+            loss = trainer.probe(probe_samples)
+            say(f"step {step}: held-out trace-digit loss {loss['as_is']:.3f}; with another object's instruction "
+                f"{loss['other_instruction']:.3f}, with another image {loss['other_image']:.3f}")
+            if summary is not None:
+                summary["probe"] = loss
         sd = trainer.state_dict()
         write_weights(ckpt, sd)
         meta = {"size": size_dict(DEMO_SIZE), "norm_stats": NORM_STATS, "train": summary or {"steps_done": step},

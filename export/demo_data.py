@@ -227,6 +227,35 @@ def frame_records(scene: Scene, ee: np.ndarray, image: str, codes: list[int], ta
     return records
 
 
+def write_probe_set(out_dir: str | Path, seeds, tokenizer, per_seed: int = 1) -> Path:
+    """Held-out samples (evaluation scenes, seeds >= 1000) in the training format, each frame under
+    every instruction its scene poses, for `Trainer.probe`: measured on, never trained on."""
+    from PIL import Image
+
+    from molmoact_edge.hardware.render_camera import SceneRenderer
+
+    bad = [s for s in seeds if s < TRAIN_SEEDS_BELOW]
+    if bad:
+        raise ValueError(f"probe frames come from seeds >= {TRAIN_SEEDS_BELOW}, got {bad[:5]}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    table = action_strings(tokenizer)
+    cfg = DataConfig(seeds=(), path_samples=per_seed, random_samples=0)
+    with open(out / "samples.jsonl", "w") as f:
+        for seed in seeds:
+            scene = Scene.from_seed(seed)
+            renderer = SceneRenderer(scene)
+            poser = ArmPoser(renderer)
+            for k, ee in enumerate(_positions(scene, cfg, np.random.default_rng(seed))):
+                rgb, depth = renderer.render(poser.pose(ee))
+                name = f"images/{seed:04d}-{k:02d}.png"
+                Image.fromarray(rgb).save(out / name)
+                for record in frame_records(scene, ee, name, depth_codes(depth), table):
+                    f.write(json.dumps(record) + "\n")
+            renderer.close()
+    return out
+
+
 def read_samples(data_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in (Path(data_dir) / "samples.jsonl").read_text().splitlines() if line]
 

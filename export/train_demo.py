@@ -291,6 +291,42 @@ class Trainer:
                   for j, c in enumerate(cached)]
         return torch.stack(losses).mean()
 
+    def probe(self, samples: list[dict]) -> dict:
+        """Does the model look at the image and read the instruction? The teacher-forced loss of the
+        trace digits of each sample (held-out ones: `write_probe_set`) as it is, with the instruction
+        of another object in the same image, and with another sample's image. A policy that finds
+        the named object needs both swaps to raise the loss; the first policies trained here
+        located the end effector long before the instruction changed anything."""
+        groups = _by_image(samples)
+        images = [g[0]["image"] for g in groups]
+        rows = {"as_is": [], "other_instruction": [], "other_image": []}
+        with torch.no_grad():
+            for i, g in enumerate(groups):
+                for j, s in enumerate(g):
+                    rows["as_is"].append(self._trace_loss(s, s))
+                    if len(g) > 1:
+                        rows["other_instruction"].append(self._trace_loss(s, dict(s, instruction=g[(j + 1) % len(g)]["instruction"])))
+                    rows["other_image"].append(self._trace_loss(s, dict(s, image=images[(i + 1) % len(images)])))
+        return {k: float(np.mean(v)) if v else None for k, v in rows.items()}
+
+    def _trace_loss(self, s: dict, posed: dict) -> float:
+        """Mean cross-entropy of the trace digits of `s`'s answer, with `posed`'s image and instruction."""
+        inputs, _ = self._example(posed)
+        answer = torch.tensor(self.tok.encode(s["answer"]) + [self.tok.special.eos], dtype=torch.long)
+        m = self.model
+        crops = torch.from_numpy(inputs.vision.crops)
+        idx = torch.from_numpy(inputs.vision.pooled_patches_idx)
+        vb = m.model.vision_backbone
+        feats = vb(crops, idx)
+        prompt = torch.from_numpy(inputs.input_ids)
+        ids = torch.cat([prompt, answer[:-1]])[None]
+        x = self._embed(ids, feats)
+        cos, sin = rope_tables(m.config.llm.head_dim, m.config.llm.rope_theta, torch.arange(ids.shape[1]))
+        h = m.model.transformer.run(x, cos, sin, CAUSAL, lambda i: (lambda k, v: (k, v)))
+        logits = h[0, len(prompt) - 1:] @ self.head_rows.T
+        ce = F.cross_entropy(logits, self.index[answer], reduction="none")
+        return float(ce[torch.isin(answer, self.digits)].mean())
+
     def _embed(self, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
         """model.embed with the trained rows: base-vocabulary ids from `embed_rows`, image tokens from
         the new_embedding table, image features added at the <im_patch> positions."""

@@ -32,7 +32,7 @@ def tiny_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("train-demo")
     code = main(["train-demo", "--out", str(out), "--seeds", "1", "--path-samples", "1", "--random-samples", "0",
-                 "--steps", "1"])
+                 "--steps", "1", "--probe-scenes", "1"])
     assert code == 0
     return out
 
@@ -170,3 +170,18 @@ def test_the_demo_vit_is_the_fixed_design(tiny_run):
         assert torch.unique(rows, dim=0).shape[0] == n  # every patch position has its own code
         same_pixels = vit(a[:, :1].expand(1, n, pixels).contiguous())[0][0, :, content]
         assert torch.allclose(same_pixels, same_pixels[:1].expand_as(same_pixels))  # no position in the content
+
+
+def test_the_probe_swaps_the_instruction_and_the_image_of_held_out_frames(tiny_run):
+    from molmoact_edge.export.demo_data import read_samples
+    from molmoact_edge.hardware.scene import Scene
+
+    probe = read_samples(tiny_run / "probe")
+    assert {s["seed"] for s in probe} == {1000} and len(probe) == len(Scene.from_seed(1000).objects)
+    tr = Trainer(tiny_run / "checkpoint", tiny_run / "data", TrainConfig(steps=1, standardize_vit=False))
+    samples = [dict(s, image=str(tiny_run / "probe" / s["image"])) for s in probe] + tr.samples
+    loss = tr.probe(samples)
+    assert set(loss) == {"as_is", "other_instruction", "other_image"}
+    assert all(np.isfinite(v) and v > 0 for v in loss.values())
+    # even random weights see their inputs: a swap that did nothing would leave the loss unchanged
+    assert loss["other_instruction"] != loss["as_is"] and loss["other_image"] != loss["as_is"]
