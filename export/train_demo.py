@@ -222,14 +222,16 @@ class Trainer:
 
     def loss(self, s: dict) -> torch.Tensor:
         prompt, answer, idx, vit = self._cached(s)
+        return self._answer_loss(self._answer_rows(prompt, answer, self._image_features(vit, idx)), answer)
+
+    def _answer_rows(self, prompt: torch.Tensor, answer: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: the final hidden rows that predict each token of `answer` after `prompt`."""
         m = self.model
         ids = torch.cat([prompt, answer[:-1]])[None]
-        feats = self._image_features(vit, idx)
         x = self._embed(ids, feats)
-        pos = torch.arange(ids.shape[1])
-        cos, sin = rope_tables(m.config.llm.head_dim, m.config.llm.rope_theta, pos)
+        cos, sin = rope_tables(m.config.llm.head_dim, m.config.llm.rope_theta, torch.arange(ids.shape[1]))
         h = m.model.transformer.run(x, cos, sin, CAUSAL, lambda i: (lambda k, v: (k, v)))
-        return self._answer_loss(h[0, len(prompt) - 1:], answer)
+        return h[0, len(prompt) - 1:]
 
     def _answer_loss(self, rows: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
         """Weighted cross-entropy over the support of the hidden rows that predict `answer`."""
@@ -311,20 +313,13 @@ class Trainer:
 
     def _trace_loss(self, s: dict, posed: dict) -> float:
         """Mean cross-entropy of the trace digits of `s`'s answer, with `posed`'s image and instruction."""
+        # Not through `_cached`: a swapped pose shares its (image, instruction) key with another sample.
         inputs, _ = self._example(posed)
         answer = torch.tensor(self.tok.encode(s["answer"]) + [self.tok.special.eos], dtype=torch.long)
-        m = self.model
-        crops = torch.from_numpy(inputs.vision.crops)
-        idx = torch.from_numpy(inputs.vision.pooled_patches_idx)
-        vb = m.model.vision_backbone
-        feats = vb(crops, idx)
-        prompt = torch.from_numpy(inputs.input_ids)
-        ids = torch.cat([prompt, answer[:-1]])[None]
-        x = self._embed(ids, feats)
-        cos, sin = rope_tables(m.config.llm.head_dim, m.config.llm.rope_theta, torch.arange(ids.shape[1]))
-        h = m.model.transformer.run(x, cos, sin, CAUSAL, lambda i: (lambda k, v: (k, v)))
-        logits = h[0, len(prompt) - 1:] @ self.head_rows.T
-        ce = F.cross_entropy(logits, self.index[answer], reduction="none")
+        feats = self.model.model.vision_backbone(torch.from_numpy(inputs.vision.crops),
+                                                 torch.from_numpy(inputs.vision.pooled_patches_idx))
+        rows = self._answer_rows(torch.from_numpy(inputs.input_ids), answer, feats)
+        ce = F.cross_entropy(rows @ self.head_rows.T, self.index[answer], reduction="none")
         return float(ce[torch.isin(answer, self.digits)].mean())
 
     def _embed(self, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
