@@ -183,10 +183,6 @@ def _positions(scene: Scene, cfg: DataConfig, rng: np.random.Generator) -> list[
 
 def generate(out_dir: str | Path, cfg: DataConfig, tokenizer, progress=lambda *a: None) -> Path:
     """Render the samples to out_dir/images/*.png and write out_dir/samples.jsonl; returns out_dir."""
-    from PIL import Image
-
-    from molmoact_edge.hardware.render_camera import SceneRenderer
-
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     table = action_strings(tokenizer)
@@ -194,20 +190,33 @@ def generate(out_dir: str | Path, cfg: DataConfig, tokenizer, progress=lambda *a
     with open(out / "samples.jsonl", "w") as f:
         for seed, n_objects in [(s, 3) for s in cfg.seeds] + [(s, 1) for s in cfg.single_object_seeds]:
             scene = Scene.from_seed(seed, n_objects)
-            renderer = SceneRenderer(scene)
-            poser = ArmPoser(renderer)
-            rng = np.random.default_rng(seed + 7919)
-            for k, ee in enumerate(_positions(scene, cfg, rng)):
-                rgb, depth = renderer.render(poser.pose(ee))
-                name = f"images/{seed:04d}-{k:02d}.png"
-                Image.fromarray(rgb).save(out / name)
-                for record in frame_records(scene, ee, name, depth_codes(depth), table):
-                    f.write(json.dumps(record) + "\n")
-                    n += 1
-            renderer.close()
+            n += _write_frames(f, out, scene, _positions(scene, cfg, np.random.default_rng(seed + 7919)), table)
             progress(f"seed {seed}: {n} samples")
     (out / "norm_stats.json").write_text(json.dumps(NORM_STATS, indent=2))
     return out
+
+
+def _write_frames(f, out: Path, scene: Scene, positions: list[np.ndarray], table: list[str]) -> int:
+    """Render `scene` with the end effector at each position, save the images under out/images and
+    write their `frame_records` to the open samples file `f`; returns how many records."""
+    from PIL import Image
+
+    from molmoact_edge.hardware.render_camera import SceneRenderer
+
+    renderer = SceneRenderer(scene)
+    try:
+        poser = ArmPoser(renderer)
+        n = 0
+        for k, ee in enumerate(positions):
+            rgb, depth = renderer.render(poser.pose(ee))
+            name = f"images/{scene.seed:04d}-{k:02d}.png"
+            Image.fromarray(rgb).save(out / name)
+            for record in frame_records(scene, ee, name, depth_codes(depth), table):
+                f.write(json.dumps(record) + "\n")
+                n += 1
+        return n
+    finally:
+        renderer.close()
 
 
 def frame_records(scene: Scene, ee: np.ndarray, image: str, codes: list[int], table: list[str]) -> list[dict]:
@@ -230,13 +239,7 @@ def frame_records(scene: Scene, ee: np.ndarray, image: str, codes: list[int], ta
 def write_probe_set(out_dir: str | Path, seeds, tokenizer, per_seed: int = 1) -> Path:
     """Held-out samples (evaluation scenes, seeds >= 1000) in the training format, each frame under
     every instruction its scene poses, for `Trainer.probe`: measured on, never trained on."""
-    from PIL import Image
-
-    from molmoact_edge.hardware.render_camera import SceneRenderer
-
-    bad = [s for s in seeds if s < TRAIN_SEEDS_BELOW]
-    if bad:
-        raise ValueError(f"probe frames come from seeds >= {TRAIN_SEEDS_BELOW}, got {bad[:5]}")
+    _require_held_out(seeds, "probe frames")
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     table = action_strings(tokenizer)
@@ -244,16 +247,14 @@ def write_probe_set(out_dir: str | Path, seeds, tokenizer, per_seed: int = 1) ->
     with open(out / "samples.jsonl", "w") as f:
         for seed in seeds:
             scene = Scene.from_seed(seed)
-            renderer = SceneRenderer(scene)
-            poser = ArmPoser(renderer)
-            for k, ee in enumerate(_positions(scene, cfg, np.random.default_rng(seed))):
-                rgb, depth = renderer.render(poser.pose(ee))
-                name = f"images/{seed:04d}-{k:02d}.png"
-                Image.fromarray(rgb).save(out / name)
-                for record in frame_records(scene, ee, name, depth_codes(depth), table):
-                    f.write(json.dumps(record) + "\n")
-            renderer.close()
+            _write_frames(f, out, scene, _positions(scene, cfg, np.random.default_rng(seed)), table)
     return out
+
+
+def _require_held_out(seeds, what: str) -> None:
+    bad = [s for s in seeds if s < TRAIN_SEEDS_BELOW]
+    if bad:
+        raise ValueError(f"{what} come from seeds >= {TRAIN_SEEDS_BELOW}, got {bad[:5]}")
 
 
 def read_samples(data_dir: str | Path) -> list[dict]:
@@ -265,9 +266,7 @@ def heldout_frames(seeds, per_seed: int = 2):
     for measuring where the policy's trace ends; never written as training data."""
     from molmoact_edge.hardware.render_camera import SceneRenderer
 
-    bad = [s for s in seeds if s < TRAIN_SEEDS_BELOW]
-    if bad:
-        raise ValueError(f"held-out frames come from seeds >= {TRAIN_SEEDS_BELOW}, got {bad[:5]}")
+    _require_held_out(seeds, "held-out frames")
     cfg = DataConfig(seeds=(), path_samples=per_seed, random_samples=0)
     for seed in seeds:
         scene = Scene.from_seed(seed)
