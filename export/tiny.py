@@ -14,6 +14,7 @@ import lzma
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -157,8 +158,10 @@ def random_state_dict(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> dict[s
 
 
 def write_checkpoint(out_dir: str | Path, size: TinySize | str = "tiny", seed: int = 0,
-                     dtype: torch.dtype = torch.bfloat16, norm_stats: dict | None = None) -> Path:
-    """Write a random checkpoint folder; returns its path."""
+                     dtype: torch.dtype = torch.bfloat16, norm_stats: dict | None = None,
+                     weights: Callable[[ModelConfig], dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write a checkpoint folder; returns its path. Its weights are random (`random_state_dict` of
+    `seed`) unless `weights` builds them from the checkpoint's config."""
     from safetensors.torch import save_file
 
     size = PRESETS[size] if isinstance(size, str) else size
@@ -175,7 +178,9 @@ def write_checkpoint(out_dir: str | Path, size: TinySize | str = "tiny", seed: i
         {"bos_token": EOS, "eos_token": EOS, "pad_token": EOS, "add_bos_token": False,
          "tokenizer_class": "Qwen2Tokenizer", "clean_up_tokenization_spaces": False}, indent=2))
     (d / "tokenizer.json").write_text(tokenizer_json_text())
-    save_file(random_state_dict(cfg, seed, dtype), str(d / "model.safetensors"), metadata={"format": "pt"})
+    sd = random_state_dict(cfg, seed, dtype) if weights is None else weights(cfg)
+    save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, str(d / "model.safetensors"),
+              metadata={"format": "pt"})
     return d
 
 

@@ -305,17 +305,17 @@ class Trainer:
         with torch.no_grad():
             for i, g in enumerate(groups):
                 for j, s in enumerate(g):
-                    rows["as_is"].append(self._trace_loss(s, s))
+                    rows["as_is"].append(self._trace_loss(s))
                     if len(g) > 1:
-                        rows["other_instruction"].append(self._trace_loss(s, dict(s, instruction=g[(j + 1) % len(g)]["instruction"])))
-                    rows["other_image"].append(self._trace_loss(s, dict(s, image=images[(i + 1) % len(images)])))
+                        rows["other_instruction"].append(self._trace_loss(dict(s, instruction=g[(j + 1) % len(g)]["instruction"])))
+                    rows["other_image"].append(self._trace_loss(dict(s, image=images[(i + 1) % len(images)])))
         return {k: float(np.mean(v)) if v else None for k, v in rows.items()}
 
-    def _trace_loss(self, s: dict, posed: dict) -> float:
-        """Mean cross-entropy of the trace digits of `s`'s answer, with `posed`'s image and instruction."""
+    def _trace_loss(self, posed: dict) -> float:
+        """Mean cross-entropy of the trace digits of `posed`'s answer under its image and instruction
+        (the probe swaps one of them)."""
         # Not through `_cached`: a swapped pose shares its (image, instruction) key with another sample.
-        inputs, _ = self._example(posed)
-        answer = torch.tensor(self.tok.encode(s["answer"]) + [self.tok.special.eos], dtype=torch.long)
+        inputs, answer = self._example(posed)
         feats = self.model.model.vision_backbone(torch.from_numpy(inputs.vision.crops),
                                                  torch.from_numpy(inputs.vision.pooled_patches_idx))
         rows = self._answer_rows(torch.from_numpy(inputs.input_ids), answer, feats)
@@ -424,13 +424,12 @@ def fixed_vit(sd: dict[str, torch.Tensor], grid: int) -> dict[str, torch.Tensor]
 def init_checkpoint(out_dir: Path, seed: int = 0) -> Path:
     """A fresh demo-size checkpoint in the official layout (random weights except the fixed ViT of
     `fixed_vit`, the demo norm_stats)."""
-    d = _official_glue(write_checkpoint(out_dir, DEMO_SIZE, seed, dtype=torch.float32, norm_stats=NORM_STATS))
-    from safetensors.torch import load_file
+    def weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        grid = cfg.vit.image_default_input_size[0] // cfg.vit.image_patch_size
+        return fixed_vit(random_state_dict(cfg, seed, torch.float32), grid)
 
-    cfg = ModelConfig.load(d)
-    grid = cfg.vit.image_default_input_size[0] // cfg.vit.image_patch_size
-    write_weights(d, fixed_vit(load_file(str(d / "model.safetensors")), grid))
-    return d
+    return _official_glue(write_checkpoint(out_dir, DEMO_SIZE, seed, dtype=torch.float32, norm_stats=NORM_STATS,
+                                           weights=weights))
 
 
 def _official_glue(checkpoint_dir: Path) -> Path:
@@ -475,19 +474,21 @@ def expand_compact(npz_path: Path, out_dir: Path) -> Path:
     z = np.load(npz_path)
     meta = json.loads(bytes(z["__meta"]).decode())
     size = TinySize(**meta["size"])
-    d = _official_glue(write_checkpoint(out_dir, size, 0, dtype=torch.float32, norm_stats=meta["norm_stats"]))
-    cfg = ModelConfig.load(d)
-    sd = random_state_dict(cfg, 0, torch.float32)  # shapes; every value is replaced below
-    for k in sd:
-        if k in (EMBED, HEAD):
-            t = torch.zeros_like(sd[k])
-            rows = torch.from_numpy(z["__embed_rows" if k == EMBED else "__head_rows"])
-            t[rows] = torch.from_numpy(z["__embed" if k == EMBED else "__head"].astype(np.float32))
-            sd[k] = t
-        else:
-            sd[k] = torch.from_numpy(z[k].astype(np.float32))
-    write_weights(d, sd)
-    return d
+
+    def weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        sd = random_state_dict(cfg, 0, torch.float32)  # shapes; every value is replaced below
+        for k in sd:
+            if k in (EMBED, HEAD):
+                t = torch.zeros_like(sd[k])
+                rows = torch.from_numpy(z["__embed_rows" if k == EMBED else "__head_rows"])
+                t[rows] = torch.from_numpy(z["__embed" if k == EMBED else "__head"].astype(np.float32))
+                sd[k] = t
+            else:
+                sd[k] = torch.from_numpy(z[k].astype(np.float32))
+        return sd
+
+    return _official_glue(write_checkpoint(out_dir, size, 0, dtype=torch.float32, norm_stats=meta["norm_stats"],
+                                           weights=weights))
 
 
 def size_dict(size: TinySize) -> dict:
