@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from molmoact_edge.argtypes import positive_int
+from molmoact_edge.argtypes import non_negative_int, positive_int
 from molmoact_edge.errors import UsageError
 
 TRACE_WEIGHT = 1.0  # TrainConfig's default (not imported from there: that module needs torch)
@@ -25,17 +25,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the data, the checkpoint and the compact weights")
     p.add_argument("--seeds", type=positive_int, default=200, help="training scenes: seeds 0..N-1 (N <= 1000)")
     p.add_argument("--path-samples", type=positive_int, default=6, help="frames per scene along the expert's path")
-    p.add_argument("--random-samples", type=int, default=4, help="frames per scene from random arm positions")
-    p.add_argument("--single-object-scenes", type=int, default=0,
+    p.add_argument("--random-samples", type=non_negative_int, default=4, help="frames per scene from random arm positions")
+    p.add_argument("--single-object-scenes", type=non_negative_int, default=0,
                    help="also this many scenes with one object (seeds --seeds.., all below 1000): where it lies is "
                         "then all the image tells, the first step of finding the named one among three")
-    p.add_argument("--steps", type=positive_int, default=3000, help="optimiser steps (one sample each)")
+    p.add_argument("--steps", type=positive_int, default=3000, help="optimiser steps (one image each, under every instruction it poses)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--trace-weight", type=float, default=TRACE_WEIGHT, help="loss weight of each trace digit")
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0, help="weight initialisation and sample order")
     p.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every this many steps")
-    p.add_argument("--probe-scenes", type=int, default=10,
+    p.add_argument("--probe-scenes", type=non_negative_int, default=10,
                    help="held-out scenes (seeds 1000..) whose frames measure, at every save, whether the model reads "
                         "the instruction and the image (Trainer.probe); 0: none")
     p.add_argument("--resume", action="store_true",
@@ -45,8 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.seeds > 1000:
         raise UsageError(f"--seeds {args.seeds}: training seeds must stay below 1000 (evaluation uses 1000 and up)")
-    if args.random_samples < 0 or args.single_object_scenes < 0 or args.probe_scenes < 0:
-        raise UsageError("--random-samples, --single-object-scenes and --probe-scenes must be >= 0")
     if args.seeds + args.single_object_scenes > 1000:
         raise UsageError(f"--seeds {args.seeds} + --single-object-scenes {args.single_object_scenes}: training seeds "
                          "must stay below 1000 (evaluation uses 1000 and up)")
