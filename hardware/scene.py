@@ -1,6 +1,6 @@
 """A seeded tabletop scene for the simulated Franka: coloured objects, a fixed camera, one task.
 
-The task family is "move to the <colour> <shape>": a few objects of distinct (colour, shape) lie in
+The task family is "move to the <colour> <shape>": a few objects of distinct colours (and shapes) lie in
 front of the arm, one of them is named, and the episode succeeds when the end effector comes within
 `SUCCESS_RADIUS_M` of a point `HOVER_M` above that object's top. Everything here is pure data and
 geometry (numpy only): the MuJoCo XML that franky-sim's scene is extended with, the camera's
@@ -79,20 +79,23 @@ class Scene:
 
     @classmethod
     def from_seed(cls, seed: int, n_objects: int = 3) -> Scene:
-        if not (1 <= n_objects <= 6):  # one object: training data only (see export/demo_data.py)
-            raise ValueError(f"Scene n_objects must be in [1, 6], got {n_objects}")
+        """Objects of distinct colours, and of distinct shapes while there are enough shapes, so
+        that the colour word alone names the object (and so does the shape word, up to three
+        objects). With colour/shape pairs drawn freely, a third of the named objects shared their
+        colour with a distractor and could only be told apart by a shape seen in two image tokens."""
+        if not (1 <= n_objects <= len(COLOURS)):  # one object: training data only (see export/demo_data.py)
+            raise ValueError(f"Scene n_objects must be in [1, {len(COLOURS)}] (one colour each), got {n_objects}")
         if seed < 0:
             raise ValueError(f"Scene seed must be >= 0, got {seed}")
         rng = np.random.default_rng(seed)
-        kinds = [(c, s) for c in COLOURS for s in SHAPES]
-        picks = rng.choice(len(kinds), size=n_objects, replace=False)
+        colours = [list(COLOURS)[k] for k in rng.choice(len(COLOURS), size=n_objects, replace=False)]
+        shapes = [SHAPES[k] for k in rng.choice(len(SHAPES), size=n_objects, replace=n_objects > len(SHAPES))]
         placed: list[np.ndarray] = []
         while len(placed) < n_objects:
             xy = np.array([rng.uniform(*_X_RANGE), rng.uniform(*_Y_RANGE)])
             if all(np.linalg.norm(xy - p) >= _MIN_GAP_M for p in placed):
                 placed.append(xy)
-        objects = tuple(SceneObject(kinds[k][0], kinds[k][1], (float(p[0]), float(p[1])))
-                        for k, p in zip(picks, placed))
+        objects = tuple(SceneObject(c, s, (float(p[0]), float(p[1]))) for c, s, p in zip(colours, shapes, placed))
         return cls(seed, objects, int(rng.integers(n_objects)))
 
     def to_dict(self) -> dict:

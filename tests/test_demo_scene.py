@@ -23,14 +23,16 @@ def test_scene_is_a_function_of_its_seed():
     assert Scene.from_seed(1001) != a
     for seed in range(50):
         s = Scene.from_seed(seed)
-        kinds = {(o.colour, o.shape) for o in s.objects}
-        assert len(kinds) == len(s.objects)  # the instruction names exactly one object
+        # the colour word alone names the object, and so does the shape word
+        assert len({o.colour for o in s.objects}) == len({o.shape for o in s.objects}) == len(s.objects) == 3
         xy = np.array([o.xy for o in s.objects])
         gaps = [np.linalg.norm(xy[i] - xy[j]) for i in range(len(xy)) for j in range(i)]
         assert min(gaps) >= 0.16
         assert s.instruction == f"move to the {s.target_object.colour} {s.target_object.shape}"
-    with pytest.raises(ValueError, match="n_objects"):
-        Scene.from_seed(0, n_objects=0)
+    assert len({o.colour for o in Scene.from_seed(7, n_objects=4).objects}) == 4
+    for bad in (0, 5):  # four colours
+        with pytest.raises(ValueError, match="n_objects"):
+            Scene.from_seed(0, n_objects=bad)
 
 
 @pytest.fixture(scope="module")
