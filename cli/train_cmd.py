@@ -18,7 +18,8 @@ from pathlib import Path
 from molmoact_edge.argtypes import non_negative_int, positive_int
 from molmoact_edge.errors import UsageError
 
-TRACE_WEIGHT = 1.0  # TrainConfig's default (not imported from there: that module needs torch)
+TRACE_WEIGHT = 1.0  # TrainConfig's defaults (not imported from there: that module needs torch)
+GROUNDING_WEIGHT = 1.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=3000, help="optimiser steps (one image each, under every instruction it poses)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--trace-weight", type=float, default=TRACE_WEIGHT, help="loss weight of each trace digit")
+    p.add_argument("--grounding-weight", type=float, default=GROUNDING_WEIGHT,
+                   help="weight of the training-only loss that asks the instruction's colour word where its object "
+                        "lies in the image (0: off)")
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0, help="weight initialisation and sample order")
     p.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every this many steps")
@@ -63,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         tconf = TrainConfig(steps=args.steps, lr=args.lr, threads=args.threads, seed=args.seed, trace_weight=args.trace_weight,
+                            grounding_weight=args.grounding_weight,
                             save_every=max(0, args.save_every), standardize_vit=not args.resume)
     except ValueError as e:
         raise UsageError(str(e)) from e

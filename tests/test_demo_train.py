@@ -125,6 +125,8 @@ def test_the_shared_prefix_group_loss_equals_the_per_sample_losses(tiny_run):
     """One image's samples (each object named in turn) share the prompt up to the instruction; the
     trainer runs that prefix once. Its loss and gradients must be those of the samples run apart."""
     tr = Trainer(tiny_run / "checkpoint", tiny_run / "data", TrainConfig(steps=1, standardize_vit=False))
+    with torch.no_grad():
+        tr.grounding_head.normal_()  # zero at the start of training: give the grounding term a gradient
     group = tr.groups[0]
     assert len(group) == 3 and len({s["instruction"] for s in group}) == 3
     params = tr.parameters()
@@ -185,3 +187,36 @@ def test_the_probe_swaps_the_instruction_and_the_image_of_held_out_frames(tiny_r
     assert all(np.isfinite(v) and v > 0 for v in loss.values())
     # even random weights see their inputs: a swap that did nothing would leave the loss unchanged
     assert loss["other_instruction"] != loss["as_is"] and loss["other_image"] != loss["as_is"]
+
+
+def test_the_grounding_loss_asks_the_colour_word_where_the_named_object_lies(tiny_run):
+    """The training-only read-out sits on the instruction's colour word (its first occurrence, after
+    the image) and targets the named object's projected centre in [-1, 1] image coordinates."""
+    tr = Trainer(tiny_run / "checkpoint", tiny_run / "data", TrainConfig(steps=1, standardize_vit=False,
+                                                                         grounding_weight=2.0))
+    for s in tr.samples:
+        prompt = tr._cached(s)[0]
+        p = tr._colour_position(prompt)
+        colour = s["instruction"].split()[3]
+        assert int(prompt[p]) == tr.tok.encode(f" {colour}")[0]
+        assert p > int((prompt == tr.cfg.image_patch_id).nonzero().max())  # the instruction follows the image
+        row = torch.zeros(tr.cfg.llm.hidden_size)  # zero read-out: the loss is the target's own square
+        x, y = s["object_px"]
+        want = 2.0 * ((x / 160 - 1) ** 2 + (y / 120 - 1) ** 2) / 2
+        assert float(tr._grounding_loss(row, s)) == pytest.approx(want, rel=1e-5)
+    assert float(Trainer(tiny_run / "checkpoint", tiny_run / "data",
+                         TrainConfig(steps=1, standardize_vit=False, grounding_weight=0.0))._grounding_loss(row, s)) == 0
+    with pytest.raises(ValueError, match="freeze_vit"):
+        TrainConfig(freeze_vit=False, freeze_connector=True)
+
+
+def test_a_frozen_connector_stays_at_its_initial_weights(tiny_run):
+    tr = Trainer(tiny_run / "checkpoint", tiny_run / "data", TrainConfig(steps=2, lr=3e-3, warmup=0, standardize_vit=False))
+    vb = tr.model.model.vision_backbone
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    tr.train(lambda *a: None)
+    after = tr.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("model.vision_backbone."))
+    assert not torch.equal(before["model.transformer.blocks.0.mlp.ff_proj.weight"],
+                           after["model.transformer.blocks.0.mlp.ff_proj.weight"])  # the LLM did train
+    assert not any(p.requires_grad for p in (*vb.image_pooling_2d.parameters(), *vb.image_projector.parameters()))
