@@ -19,7 +19,7 @@ from molmoact_edge.argtypes import non_negative_int, positive_int
 from molmoact_edge.errors import UsageError
 
 TRACE_WEIGHT = 1.0  # TrainConfig's defaults (not imported from there: that module needs torch)
-GROUNDING_WEIGHT = 1.0
+GROUNDING_WEIGHT = 0.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grounding-weight", type=float, default=GROUNDING_WEIGHT,
                    help="weight of the training-only loss that asks the instruction's colour word where its object "
                         "lies in the image (0: off)")
+    p.add_argument("--fixed-connector", action="store_true",
+                   help="a connector that passes the fixed ViT's features through linearly, never trained (features "
+                        "cached per image); with --resume: keep the checkpoint's connector as it is")
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0, help="weight initialisation and sample order")
     p.add_argument("--save-every", type=int, default=0, help="also write the checkpoint every this many steps")
@@ -67,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         tconf = TrainConfig(steps=args.steps, lr=args.lr, threads=args.threads, seed=args.seed, trace_weight=args.trace_weight,
-                            grounding_weight=args.grounding_weight,
+                            grounding_weight=args.grounding_weight, freeze_connector=args.fixed_connector,
                             save_every=max(0, args.save_every), standardize_vit=not args.resume)
     except ValueError as e:
         raise UsageError(str(e)) from e
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume: {ckpt} holds no checkpoint to continue from; drop --resume to start one")
         ckpt_init = ckpt
     else:
-        ckpt_init = init_checkpoint(ckpt, args.seed)
+        ckpt_init = init_checkpoint(ckpt, args.seed, linear_connector=args.fixed_connector)
     from molmoact_edge.runtime.engine.tokenizer import Tokenizer
 
     if not (data / "samples.jsonl").exists():
