@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         if probe_samples:
             loss = trainer.probe(probe_samples)
             say(f"step {step}: held-out trace-digit loss {loss['as_is']:.3f}; with another object's instruction "
-                f"{loss['other_instruction']:.3f}, with another image {loss['other_image']:.3f}")
+                f"{loss['other_instruction']:.3f}, with another image {loss['other_image']:.3f}"
+                + (f"; grounding read-out error {loss['grounding']:.4f}" if loss["grounding"] is not None else ""))
             if summary is not None:
                 summary["probe"] = loss
         sd = trainer.state_dict()

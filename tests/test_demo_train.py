@@ -186,10 +186,16 @@ def test_the_probe_swaps_the_instruction_and_the_image_of_held_out_frames(tiny_r
     tr = Trainer(tiny_run / "checkpoint", tiny_run / "data", TrainConfig(steps=1, standardize_vit=False))
     samples = [dict(s, image=str(tiny_run / "probe" / s["image"])) for s in probe] + tr.samples
     loss = tr.probe(samples)
-    assert set(loss) == {"as_is", "other_instruction", "other_image"}
+    assert set(loss) == {"as_is", "other_instruction", "other_image", "grounding"}
+    assert loss.pop("grounding") is None  # the grounding loss is off
     assert all(np.isfinite(v) and v > 0 for v in loss.values())
     # even random weights see their inputs: a swap that did nothing would leave the loss unchanged
     assert loss["other_instruction"] != loss["as_is"] and loss["other_image"] != loss["as_is"]
+    # with it on, the read-out's error; at its zero start, the mean square of the [-1, 1] positions
+    grounded = Trainer(tiny_run / "checkpoint", tiny_run / "data",
+                       TrainConfig(steps=1, standardize_vit=False, grounding_weight=3.0)).probe(samples)
+    want = np.mean([((x / 160 - 1) ** 2 + (y / 120 - 1) ** 2) / 2 for x, y in (s["object_px"] for s in samples)])
+    assert grounded["grounding"] == pytest.approx(want, rel=1e-5)
 
 
 def test_the_grounding_loss_asks_the_colour_word_where_the_named_object_lies(tiny_run):
