@@ -86,13 +86,12 @@ class TrainConfig:
     # not change at all when two samples' images were swapped. Off when resuming (already folded).
     standardize_vit: bool = True
     standardize_samples: int = 32
-    # Keep the connector (2x2 pooling attention and projector) at its seeded initial weights as well,
-    # and cache each image's projected features. Measured on run "tr9" (connector trained at lr 3e-3):
-    # the projected features of object patches grew from a norm of 29 to 2.6e5 and their cosine
-    # similarity from 0.43 (same colour) / 0.08 (other colours) to 0.84 / 0.75, so an attention query
-    # could no longer tell colours apart; the initial random connector keeps them apart (a linear
-    # read-out names the object's colour in 84% of held-out patches). Off by default: with it on
-    # (and the grounding loss), a run had not yet used the image after 3000 steps (README).
+    # Keep the connector (2x2 pooling attention and projector) at its initial weights and cache each
+    # image's projected features; `train-demo --fixed-connector` starts it from `fixed_connector`.
+    # Measured on run "tr9", whose random connector was trained at lr 3e-3: the rows of object
+    # patches grew from a norm of 29 to 2.6e5 and their cosine similarity from 0.43 (same colour) /
+    # 0.08 (other colours) to 0.84 / 0.75, the colour difference a small part of each row. Off by
+    # default until a run with it reads the instruction (README, "Session 6").
     freeze_connector: bool = False
     # Weight of the auxiliary grounding loss (0: off): a linear read-out, used in training only and
     # never written, from the final hidden state at the instruction's colour word to where the named
@@ -100,7 +99,7 @@ class TrainConfig:
     # up the image patches of its colour - ONE attention step with its own gradient - so the answer
     # has a single step left to learn (read the colour word). Without it, the two steps had to be
     # found together and no run did in up to 13000 images (the answer ignored the instruction).
-    # Off by default until a run shows it working (README, "Status").
+    # Off by default until a run shows the answer reading the instruction (README, "Session 6").
     grounding_weight: float = 0.0
 
     def __post_init__(self) -> None:
