@@ -274,10 +274,6 @@ class Trainer:
         cos, sin = rope_tables(m.config.llm.head_dim, m.config.llm.rope_theta, torch.arange(ids.shape[1]))
         return m.model.transformer.run(x, cos, sin, CAUSAL, lambda i: (lambda k, v: (k, v)))[0]
 
-    def _answer_rows(self, prompt: torch.Tensor, answer: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-        """The final hidden rows that predict each token of `answer` after `prompt`."""
-        return self._rows(prompt, answer, feats)[len(prompt) - 1:]
-
     def _colour_position(self, prompt: torch.Tensor) -> int:
         """Index of the instruction's colour word (its first occurrence) in `prompt`."""
         hits = torch.isin(prompt, self.colour_ids).nonzero()
@@ -286,12 +282,16 @@ class Trainer:
         return int(hits[0])
 
     def _grounding_loss(self, row: torch.Tensor, s: dict) -> torch.Tensor:
-        """grounding_weight x squared error of the read-out of `row` (the colour word's final hidden
-        state) against the named object's image position, both coordinates in [-1, 1]."""
+        """grounding_weight x `_grounding_error` (0 while the loss is off)."""
         if self.config.grounding_weight == 0:
             return torch.zeros(())
+        return self.config.grounding_weight * self._grounding_error(row, s)
+
+    def _grounding_error(self, row: torch.Tensor, s: dict) -> torch.Tensor:
+        """Squared error of the read-out of `row` (the colour word's final hidden state) against the
+        named object's image position, both coordinates in [-1, 1]."""
         target = torch.tensor(s["object_px"], dtype=torch.float32) / (self.image_size / 2) - 1
-        return self.config.grounding_weight * (self.grounding_head @ row - target).pow(2).mean()
+        return (self.grounding_head @ row - target).pow(2).mean()
 
     def _answer_loss(self, rows: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
         """Weighted cross-entropy over the support of the hidden rows that predict `answer`."""
@@ -373,16 +373,17 @@ class Trainer:
                 for j, s in enumerate(g):
                     trace, grounding = self._probe_losses(s)
                     rows["as_is"].append(trace)
-                    if self.config.grounding_weight > 0:
+                    if grounding is not None:
                         rows["grounding"].append(grounding)
                     if len(g) > 1:
                         rows["other_instruction"].append(self._probe_losses(dict(s, instruction=g[(j + 1) % len(g)]["instruction"]))[0])
                     rows["other_image"].append(self._probe_losses(dict(s, image=images[(i + 1) % len(images)]))[0])
         return {k: float(np.mean(v)) if v else None for k, v in rows.items()}
 
-    def _probe_losses(self, posed: dict) -> tuple[float, float]:
+    def _probe_losses(self, posed: dict) -> tuple[float, float | None]:
         """(mean cross-entropy of the trace digits of `posed`'s answer, the grounding read-out's
-        squared error) under its image and instruction (the probe swaps one of them)."""
+        squared error or None while that loss is off) under its image and instruction (the probe
+        swaps one of them)."""
         # Not through `_cached`: a swapped pose shares its (image, instruction) key with another sample.
         inputs, answer = self._example(posed)
         feats = self.model.model.vision_backbone(torch.from_numpy(inputs.vision.crops),
@@ -390,8 +391,9 @@ class Trainer:
         prompt = torch.from_numpy(inputs.input_ids)
         h = self._rows(prompt, answer, feats)
         ce = F.cross_entropy(h[len(prompt) - 1:] @ self.head_rows.T, self.index[answer], reduction="none")
-        w = self.config.grounding_weight
-        grounding = float(self._grounding_loss(h[self._colour_position(prompt)], posed)) / w if w > 0 else 0.0
+        grounding = None
+        if self.config.grounding_weight > 0:
+            grounding = float(self._grounding_error(h[self._colour_position(prompt)], posed))
         return float(ce[torch.isin(answer, self.digits)].mean()), grounding
 
     def _embed(self, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
