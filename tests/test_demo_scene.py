@@ -65,12 +65,22 @@ def test_render_shows_each_object_where_the_projection_puts_it(rendered):
         assert z - 2 * o.half_size < depth[int(v), int(u)] < z + 0.001
 
 
-def test_expert_reaches_the_goal_in_bounded_steps():
+def test_expert_reaches_the_goal_height_first_in_bounded_steps():
     start, goal = np.array([0.55, 0.0, 0.52]), np.array([0.40, -0.15, 0.15])
     a = expert_actions(start, goal, 0.02, 40)
-    assert np.all(np.linalg.norm(a[:, :3], axis=1) <= 0.02 + 1e-12)
+    assert np.all(np.abs(a[:, :3]) <= 0.02 + 1e-12)
     assert np.all(a[:, 3:6] == 0) and np.all(a[:, 6] == 1.0)
     assert np.linalg.norm(start + a[:, :3].sum(0) - goal) < 1e-9
+    # down first: 18 full steps leave 1 cm (at most a step), and only then does the hand move across
+    np.testing.assert_allclose(a[:18, :3], np.tile([0.0, 0.0, -0.02], (18, 1)), atol=1e-12)
+    np.testing.assert_allclose(a[18, :3], [-0.02, -0.02, -0.01], atol=1e-12)
+    # across: full steps on each axis still farther than a step, then the remainder
+    np.testing.assert_allclose(a[19:25, :2], np.full((6, 2), -0.02), atol=1e-12)
+    np.testing.assert_allclose(a[25, :3], [-0.01, -0.01, 0.0], atol=1e-12)
+    assert np.all(a[26:, :3] == 0)
+    # x's steps do not depend on how far y has to go
+    b = expert_actions(start, np.array([0.40, 0.25, 0.15]), 0.02, 40)
+    np.testing.assert_allclose(b[:, 0], a[:, 0])
 
 
 @pytest.mark.sim
