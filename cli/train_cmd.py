@@ -20,6 +20,7 @@ from molmoact_edge.errors import UsageError
 
 TRACE_WEIGHT = 1.0  # TrainConfig's defaults (not imported from there: that module needs torch)
 GROUNDING_WEIGHT = 0.0
+ACTION_WEIGHT = 1.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,12 +28,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=positive_int, default=200, help="training scenes: seeds 0..N-1 (N <= 1000)")
     p.add_argument("--path-samples", type=positive_int, default=6, help="frames per scene along the expert's path")
     p.add_argument("--random-samples", type=non_negative_int, default=4, help="frames per scene from random arm positions")
+    p.add_argument("--hover-samples", type=non_negative_int, default=0,
+                   help="frames per scene from random arm positions at the goal's height, where the expert moves across")
+    p.add_argument("--descent-samples", type=non_negative_int, default=0,
+                   help="frames per scene on the expert's way down from the start pose (the last near the goal's height)")
     p.add_argument("--single-object-scenes", type=non_negative_int, default=0,
                    help="also this many scenes with one object (seeds --seeds.., all below 1000): where it lies is "
                         "then all the image tells, the first step of finding the named one among three")
     p.add_argument("--steps", type=positive_int, default=3000, help="optimiser steps (one image each, under every instruction it poses)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--trace-weight", type=float, default=TRACE_WEIGHT, help="loss weight of each trace digit")
+    p.add_argument("--action-weight", type=float, default=ACTION_WEIGHT, help="loss weight of each action token")
     p.add_argument("--grounding-weight", type=float, default=GROUNDING_WEIGHT,
                    help="weight of the training-only loss that asks the instruction's colour word where its object "
                         "lies in the image (0: off)")
@@ -70,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         tconf = TrainConfig(steps=args.steps, lr=args.lr, threads=args.threads, seed=args.seed, trace_weight=args.trace_weight,
+                            action_weight=args.action_weight,
                             grounding_weight=args.grounding_weight, freeze_connector=args.fixed_connector,
                             save_every=max(0, args.save_every), standardize_vit=not args.resume)
     except ValueError as e:
@@ -90,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
         say(f"rendering expert samples for seeds 0..{args.seeds - 1}"
             + (f" and single-object seeds {single[0]}..{single[-1]}" if single else "") + f" into {data}")
         generate(data, DataConfig(seeds=tuple(range(args.seeds)), path_samples=args.path_samples,
-                                  random_samples=args.random_samples, single_object_seeds=single),
+                                  random_samples=args.random_samples, hover_samples=args.hover_samples,
+                                  descent_samples=args.descent_samples,
+                                  single_object_seeds=single),
                  Tokenizer.from_checkpoint(ckpt_init), say)
     trainer = Trainer(ckpt, data, tconf)
     probe_samples = []

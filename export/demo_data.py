@@ -8,19 +8,23 @@ wording (the fixture's `action_parsing.json` text 0) and:
   averaged over a 10x10 grid of image blocks (row-major) and each block mean is binned linearly
   over [DEPTH_NEAR_M, DEPTH_FAR_M] into the 128 codes: code = floor((d - near) / (far - near) * 128),
   clipped. 100 codes, codebook 128, as the real tokenizer's <DEPTH_k> tokens.
-* trace: the end effector's path to the named object, projected into the image: TRACE_POINTS
-  points evenly spaced on the segment from the current end effector to the object's top, written in
+* trace: where the end effector is going, projected into the image: TRACE_POINTS points evenly
+  spaced on the straight segment from the current end effector to the object's top (not the
+  expert's own path, which reaches the goal's height first), written in
   the official trace coordinates (integers 0..255 over the image: v = round(px / (W - 1) * 255)).
-* actions: the privileged expert's chunk from this pose (runtime/control/expert.py): CHUNK lists of
-  7 values, [dx, dy, dz, droll, dpitch, dyaw, gripper], normalised with the dataset's q01/q99
-  (mask true on x, y, z only; rotation is always 0 and the gripper always open: unnormalised, as
+* actions: the privileged expert's chunk from this pose (runtime/control/expert.py: the goal's
+  height first, then across; each axis clipped to STEP_M per action): CHUNK lists of 7 values,
+  [dx, dy, dz, droll, dpitch, dyaw, gripper], normalised with the dataset's q01/q99 (mask true on
+  x, y, z only; rotation is always 0 and the gripper always open: unnormalised, as
   the official parser never de-normalises the last dimension), binned into 256 bins and spelled
   with the action vocabulary (bin b = base vocabulary id base_size - 1 - b), as a flat chunk.
 
 Images are rendered at expert poses without physics: the arm is put in place by inverse kinematics
-in the same MJCF franky-sim simulates (gripper pointing down, as franky-sim starts), along the
-expert's straight path from franky-sim's start pose and from random poses in the workspace (so
-that the policy also learns to recover from where its own mistakes take it). Seeds below
+in the same MJCF franky-sim simulates (gripper pointing down, as franky-sim starts), on the
+straight line from franky-sim's start pose to the goal, at random poses in the workspace (so that
+the policy also learns to recover from where its own mistakes take it) and, with `hover_samples`,
+at random positions at the goal's height (where the expert moves across) and, with
+`descent_samples`, on the expert's way down from the start pose. Seeds below
 `TRAIN_SEEDS_BELOW` only. No torch here: the training side (export/train_demo.py) reads the
 samples.
 """
@@ -41,7 +45,9 @@ DEPTH_FAR_M = 1.8
 DEPTH_GRID = 10
 DEPTH_CODEBOOK = 128
 TRACE_POINTS = 5
-CHUNK = 8
+# Two actions a step (0.2 s of motion at 10 Hz): the policy looks again after every 2 cm per axis,
+# so a misjudged step costs little, and the answer is 6 decisions x (8 - 2) shorter than with 8.
+CHUNK = 2
 N_BINS = 256
 START_EE = (0.5544, 0.0, 0.5214)  # franky-sim's start pose of the end effector (base frame, measured)
 TCP_OFFSET_M = 0.1034  # hand body -> franky's end-effector point, along the hand's z axis
@@ -155,8 +161,14 @@ class ArmPoser:
 @dataclass(frozen=True)
 class DataConfig:
     seeds: tuple[int, ...]
-    path_samples: int = 6  # frames along the expert's path from the start pose
+    path_samples: int = 6  # frames on the straight line from the start pose to the named object's goal
     random_samples: int = 4  # frames from random end-effector positions
+    # Frames at the goal's height (within a step), from random positions across the workspace: where
+    # the expert moves across (it reaches the height first), so where the policy must read x and y.
+    hover_samples: int = 0
+    # Frames on the expert's way down from the start pose (its x and y within 1 cm, random heights
+    # above the goal's; the last one within 2.5 steps of it, where the expert turns to move across).
+    descent_samples: int = 0
     # Scenes with ONE object (never evaluated): where it lies is then all the image has to tell, a
     # one-step lesson (find the object, read its position) that the three-object scenes' two steps
     # (which object the instruction names, then where it is) build on.
@@ -178,6 +190,13 @@ def _positions(scene: Scene, cfg: DataConfig, rng: np.random.Generator) -> list[
     out = [start + (goal - start) * t for t in np.linspace(0.0, 0.95, cfg.path_samples)]
     for _ in range(cfg.random_samples):
         out.append(np.array([rng.uniform(0.32, 0.65), rng.uniform(-0.28, 0.28), rng.uniform(0.14, 0.55)]))
+    for _ in range(cfg.hover_samples):
+        dz = rng.uniform(-0.8, 0.8) * STEP_M
+        out.append(np.array([rng.uniform(0.32, 0.65), rng.uniform(-0.28, 0.28), goal[2] + dz]))
+    for j in range(cfg.descent_samples):
+        last = j == cfg.descent_samples - 1
+        z = rng.uniform(goal[2] + 0.2 * STEP_M, goal[2] + 2.5 * STEP_M) if last else rng.uniform(goal[2] + STEP_M, start[2])
+        out.append(np.array([start[0] + rng.uniform(-0.01, 0.01), start[1] + rng.uniform(-0.01, 0.01), z]))
     return out
 
 

@@ -10,6 +10,7 @@ from molmoact_edge.hardware.render_camera import SceneRenderer  # noqa: F401  (f
 from molmoact_edge.export.demo_data import (
     CHUNK,
     NORM_STATS,
+    START_EE,
     STEP_M,
     DataConfig,
     generate,
@@ -34,6 +35,7 @@ def tok(fixture_a):
 @pytest.fixture(scope="module")
 def data(tok, tmp_path_factory):
     out = generate(tmp_path_factory.mktemp("demo-data"), DataConfig(seeds=(3, 4), path_samples=2, random_samples=1,
+                                                                          hover_samples=1, descent_samples=1,
                                                                           single_object_seeds=(5,)), tok)
     return out, read_samples(out)
 
@@ -47,7 +49,7 @@ def _decoder(tok):
 
 def test_answers_parse_to_what_the_expert_meant(tok, data):
     out, samples = data
-    assert len(samples) == 2 * 3 * 3 + 3 and all((out / s["image"]).is_file() for s in samples)
+    assert len(samples) == 2 * 5 * 3 + 5 and all((out / s["image"]).is_file() for s in samples)
     dec = _decoder(tok)
     intr = camera_intrinsics()
     for s in samples:
@@ -77,6 +79,27 @@ def test_every_image_is_posed_once_per_object_with_its_own_answer(data):
         for s in group:
             o = scene.objects[s["target"]]
             assert np.allclose(s["goal"], o.goal) and np.allclose(s["object_px"], project(o.centre)[0])
+
+
+def test_hover_frames_lie_at_the_goal_height_where_the_expert_moves_across(data):
+    _, samples = data
+    hover = [s for s in samples if s["image"].endswith("-03.png")]  # after 2 path frames and 1 random
+    assert len(hover) == 2 * 3 + 1
+    for s in hover:
+        ee, goal = np.array(s["ee"]), np.array(s["goal"])
+        assert abs(ee[2] - goal[2]) <= STEP_M
+        first = expert_actions(ee, goal, STEP_M, 1)[0, :3]
+        assert np.any(first[:2] != 0)  # the expert moves across from there
+
+
+def test_descent_frames_lie_above_the_start_pose_where_the_expert_turns(data):
+    _, samples = data
+    descent = [s for s in samples if s["image"].endswith("-04.png")]  # the last (and only) descent frame
+    assert len(descent) == 2 * 3 + 1
+    for s in descent:
+        ee, goal = np.array(s["ee"]), np.array(s["goal"])
+        assert np.all(np.abs(ee[:2] - np.array(START_EE[:2])) <= 0.01)
+        assert goal[2] + 0.2 * STEP_M <= ee[2] <= goal[2] + 2.5 * STEP_M
 
 
 def test_answers_are_accepted_by_the_output_grammar(tok, data):
