@@ -79,6 +79,9 @@ class TrainConfig:
     # Weight of each digit of a trace number: where the trace ends is where the instruction and the
     # image must meet (the named object's position), a handful of the ~330 tokens a step predicts.
     trace_weight: float = 1.0
+    # Weight of each action token (the action vocabulary's bins): the first action list is all a
+    # step's motion depends on, ~7 of the ~250 tokens a step predicts.
+    action_weight: float = 1.0
     # Fold a per-channel standardisation of the (frozen) ViT features into the pooling attention's
     # input projections before training (weights only; the architecture is unchanged). Measured at
     # the seeded initialisation: the projected image features had a norm of ~800 against ~11 for a
@@ -109,6 +112,9 @@ class TrainConfig:
             raise ValueError("TrainConfig: freeze_connector needs freeze_vit (its cached features would go stale)")
         if self.grounding_weight < 0:
             raise ValueError(f"TrainConfig.grounding_weight must be >= 0, got {self.grounding_weight}")
+        if self.action_weight <= 0 or self.trace_weight <= 0:
+            raise ValueError(f"TrainConfig: trace_weight and action_weight must be > 0, got {self.trace_weight}, "
+                             f"{self.action_weight}")
 
 
 def support_ids(tokenizer: Tokenizer) -> np.ndarray:
@@ -166,6 +172,7 @@ class Trainer:
         # In an answer only trace numbers are spelled with digits (depth codes are special tokens,
         # action values come from the action vocabulary); test_demo_train checks it.
         self.digits = torch.tensor([self.tok.encode(str(d))[0] for d in range(10)])
+        self.action_glue_end = torch.tensor(self.tok.encode(" the action that the robot should take is"))
         self.index = torch.full((len(self.tok),), -1, dtype=torch.long)
         self.index[self.support] = torch.arange(len(self.support))
         # Only the used rows of the two 152k-row tables are trained (an optimiser step over all
@@ -300,10 +307,23 @@ class Trainer:
             bad = answer[targets < 0].tolist()
             raise ValueError(f"answer tokens {bad[:5]} are outside the support; support_ids() misses a context")
         logits = rows @ self.head_rows.T
-        sp = self.tok.special
-        weights = torch.where((answer >= min(sp.depth_codes)) & (answer <= max(sp.depth_codes)), self.config.depth_weight, 1.0)
-        weights = torch.where(torch.isin(answer, self.digits), self.config.trace_weight, weights)
+        weights = self._token_weights(answer)
         return (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / weights.sum()
+
+    def _token_weights(self, answer: torch.Tensor) -> torch.Tensor:
+        """Loss weight of each answer token: depth codes, trace digits and action bins by the
+        config's weights, everything else (the glue) 1."""
+        c, sp = self.config, self.tok.special
+        weights = torch.where((answer >= min(sp.depth_codes)) & (answer <= max(sp.depth_codes)), c.depth_weight, 1.0)
+        weights = torch.where(torch.isin(answer, self.digits), c.trace_weight, weights)
+        # Action strings are written as text and tokenised canonically (several tokens each, their
+        # separators merged into some), so the action lists are found by position: every token
+        # after the glue's closing words, but the end-of-text.
+        n = len(self.action_glue_end)
+        hits = [i + n for i in range(len(answer) - n + 1) if torch.equal(answer[i:i + n], self.action_glue_end)]
+        if hits:
+            weights[hits[-1]:len(answer) - 1] = c.action_weight
+        return weights
 
     def group_loss(self, group: list[dict]) -> torch.Tensor:
         """The mean of `loss` over samples of ONE image, computed with their common prompt prefix

@@ -14,7 +14,7 @@ from conftest import import_or_skip
 torch = import_or_skip("torch", "export")
 
 from molmoact_edge.hardware.render_camera import SceneRenderer  # noqa: E402,F401  (first: MuJoCo's headless GL)
-from molmoact_edge.export.demo_data import DataConfig, generate, read_samples  # noqa: E402
+from molmoact_edge.export.demo_data import CHUNK, DataConfig, action_strings, generate, read_samples  # noqa: E402
 from molmoact_edge.export.train_demo import (  # noqa: E402
     EMBED,
     HEAD,
@@ -153,6 +153,24 @@ def test_digits_in_an_answer_are_exactly_its_trace_numbers(tiny_run):
         digits = "".join(tr.tok.decode([int(t)]) for t in answer[torch.isin(answer, tr.digits)])
         trace = s["answer"].split(" The trajectory of the end effector in the first image is ")[1].split(". Based")[0]
         assert digits == "".join(ch for ch in trace if ch.isdigit()) and digits
+
+
+def test_each_part_of_an_answer_gets_its_own_loss_weight(tiny_run):
+    """The action weight must land on exactly the action lists (CHUNK x 7 action strings and their
+    brackets, as the answer spells them), the trace weight on the trace digits, the depth weight on
+    the 100 codes, and nothing else may be weighted."""
+    tr = Trainer(tiny_run / "checkpoint", tiny_run / "data",
+                 TrainConfig(steps=1, standardize_vit=False, depth_weight=0.5, trace_weight=3.0, action_weight=7.0))
+    table = action_strings(tr.tok)
+    for s in tr.samples:
+        answer = tr._cached(s)[1]
+        w = tr._token_weights(answer)
+        lists = s["answer"].split("the action that the robot should take is ")[1]
+        values = [v.strip(" [].") for v in lists.split(",")]
+        assert len(values) == CHUNK * 7 and all(v in table for v in values)
+        assert tr.tok.decode(answer[w == 7.0].tolist()) == " " + lists
+        assert int((w == 0.5).sum()) == 100 and int((w == 3.0).sum()) == int(torch.isin(answer, tr.digits).sum())
+        assert set(w.unique().tolist()) == {0.5, 1.0, 3.0, 7.0}
 
 
 def test_the_demo_vit_is_the_fixed_design(tiny_run):
