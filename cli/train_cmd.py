@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=positive_int, default=3000, help="optimiser steps (one image each, under every instruction it poses)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--trace-weight", type=float, default=TRACE_WEIGHT, help="loss weight of each trace digit")
-    p.add_argument("--action-weight", type=float, default=ACTION_WEIGHT, help="loss weight of each action token")
+    p.add_argument("--action-weight", type=float, default=ACTION_WEIGHT, help="loss weight of each token of the action lists")
     p.add_argument("--grounding-weight", type=float, default=GROUNDING_WEIGHT,
                    help="weight of the training-only loss that asks the instruction's colour word where its object "
                         "lies in the image (0: off)")

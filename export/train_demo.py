@@ -79,8 +79,8 @@ class TrainConfig:
     # Weight of each digit of a trace number: where the trace ends is where the instruction and the
     # image must meet (the named object's position), a handful of the ~330 tokens a step predicts.
     trace_weight: float = 1.0
-    # Weight of each action token (the action vocabulary's bins): the first action list is all a
-    # step's motion depends on, ~7 of the ~250 tokens a step predicts.
+    # Weight of each token of the action lists: they are all a step's motion depends on, and a few
+    # dozen of the ~200 tokens a step predicts (most of an answer is depth codes and glue).
     action_weight: float = 1.0
     # Fold a per-channel standardisation of the (frozen) ViT features into the pooling attention's
     # input projections before training (weights only; the architecture is unchanged). Measured at
@@ -311,7 +311,7 @@ class Trainer:
         return (F.cross_entropy(logits, targets, reduction="none") * weights).sum() / weights.sum()
 
     def _token_weights(self, answer: torch.Tensor) -> torch.Tensor:
-        """Loss weight of each answer token: depth codes, trace digits and action bins by the
+        """Loss weight of each answer token: depth codes, trace digits and the action lists by the
         config's weights, everything else (the glue) 1."""
         c, sp = self.config, self.tok.special
         weights = torch.where((answer >= min(sp.depth_codes)) & (answer <= max(sp.depth_codes)), c.depth_weight, 1.0)
