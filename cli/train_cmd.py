@@ -26,7 +26,7 @@ ACTION_WEIGHT = 1.0
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the data, the checkpoint and the compact weights")
     p.add_argument("--seeds", type=positive_int, default=200, help="training scenes: seeds 0..N-1 (N <= 1000)")
-    p.add_argument("--path-samples", type=positive_int, default=6, help="frames per scene along the expert's path")
+    p.add_argument("--path-samples", type=positive_int, default=6, help="frames per scene on the straight line from the start pose to the goal")
     p.add_argument("--random-samples", type=non_negative_int, default=4, help="frames per scene from random arm positions")
     p.add_argument("--hover-samples", type=non_negative_int, default=0,
                    help="frames per scene from random arm positions at the goal's height, where the expert moves across")

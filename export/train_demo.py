@@ -172,7 +172,8 @@ class Trainer:
         # In an answer only trace numbers are spelled with digits (depth codes are special tokens,
         # action values come from the action vocabulary); test_demo_train checks it.
         self.digits = torch.tensor([self.tok.encode(str(d))[0] for d in range(10)])
-        self.action_glue_end = torch.tensor(self.tok.encode(" the action that the robot should take is"))
+        # the glue's closing words before the action lists (the last clause, without its space)
+        self.action_glue_end = torch.tensor(self.tok.encode(ACTION_GLUE.rsplit(",", 1)[1].rstrip()))
         self.index = torch.full((len(self.tok),), -1, dtype=torch.long)
         self.index[self.support] = torch.arange(len(self.support))
         # Only the used rows of the two 152k-row tables are trained (an optimiser step over all
@@ -320,9 +321,10 @@ class Trainer:
         # separators merged into some), so the action lists are found by position: every token
         # after the glue's closing words, but the end-of-text.
         n = len(self.action_glue_end)
-        hits = [i + n for i in range(len(answer) - n + 1) if torch.equal(answer[i:i + n], self.action_glue_end)]
-        if hits:
-            weights[hits[-1]:len(answer) - 1] = c.action_weight
+        if len(answer) >= n:
+            hits = (answer.unfold(0, n, 1) == self.action_glue_end).all(1).nonzero()
+            if len(hits):
+                weights[int(hits[-1]) + n:len(answer) - 1] = c.action_weight
         return weights
 
     def group_loss(self, group: list[dict]) -> torch.Tensor:

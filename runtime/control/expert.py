@@ -2,9 +2,9 @@
 
 It is handed the goal point (from the scene it was seeded with, not from the camera) and moves the
 end effector down (or up) to the goal's height and then across to it in base-frame steps (each axis
-clipped), the gripper pointing down and open. It is the
-reference row of `molmoact-edge eval` and the source of the demo policy's training episodes; it can
-never run on a real robot (nothing there knows where the goal is).
+clipped), the gripper pointing down and open. It is the reference row of `molmoact-edge eval` and
+the source of the demo policy's training episodes; it can never run on a real robot (nothing there
+knows where the goal is).
 """
 
 from __future__ import annotations
