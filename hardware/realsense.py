@@ -118,7 +118,9 @@ class PipelineCamera(ThreadedCamera):
         except RuntimeError:
             self._depth_scale = 0.001  # a recording without the sensor's options: librealsense's default
 
-    def _arrays(self, fs):
+    def _arrays(self, fs, with_depth: bool = True):
+        if not with_depth:
+            return frameset_to_arrays(fs, self._depth_scale, with_depth=False)
         if self._align is not None:
             fs = self._align.process(fs)
         return frameset_to_arrays(fs, self._depth_scale)
@@ -177,7 +179,7 @@ def intrinsics_from_profile(stream_profile) -> Intrinsics:
     )
 
 
-def frameset_to_arrays(fs, depth_scale: float):
+def frameset_to_arrays(fs, depth_scale: float, with_depth: bool = True):
     """(colour RGB uint8 copy, depth uint16 copy or None, scale, device ms) from a frameset.
 
     Copies because librealsense recycles frame buffers once the frameset is released.
@@ -186,6 +188,6 @@ def frameset_to_arrays(fs, depth_scale: float):
     if not color:
         raise CameraError("frameset without a colour frame; enable the colour stream")
     rgb = np.array(np.asanyarray(color.get_data()), copy=True)
-    depth_frame = fs.get_depth_frame()
+    depth_frame = fs.get_depth_frame() if with_depth else None
     depth = np.array(np.asanyarray(depth_frame.get_data()), copy=True) if depth_frame else None
     return rgb, depth, depth_scale, float(fs.get_timestamp())

@@ -90,9 +90,11 @@ class DB3Writer:
         h, w = self.intrinsics.height, self.intrinsics.width
         if color.shape != (h, w, 3):
             raise ValueError(f"colour frame {color.shape} does not match the recording's {h}x{w}x3")
-        if self._depth_profile is not None:
-            if depth is None or depth.shape != (h, w):
-                raise ValueError(f"depth frame {None if depth is None else depth.shape} does not match {h}x{w}")
+        # depth None in a recording with depth: this instant has none (a dropped depth frame, or a
+        # replay's colour frame that had no depth of its own instant); the replay delivers it so.
+        if self._depth_profile is not None and depth is not None:
+            if depth.shape != (h, w):
+                raise ValueError(f"depth frame {depth.shape} does not match the recording's {h}x{w}")
             self._inject(self._sensors[0][0], self._depth_profile, np.ascontiguousarray(depth, np.uint16), 2, ts_ms)
         self._inject(self._sensors[-1][0], self._color_profile, np.ascontiguousarray(color, np.uint8), 3, ts_ms)
         self._index += 1

@@ -75,6 +75,24 @@ def test_db3_recording_replays_pixel_exact(tmp_path):
     assert got[0].depth_scale == pytest.approx(0.001)
 
 
+def test_a_colour_frame_recorded_without_depth_replays_without_depth(tmp_path):
+    """librealsense's pipeline completes every frameset with each stream's previous frame: before,
+    colour 5, whose depth frame was dropped, came back beside depth 4, a pair never captured."""
+    frames = synthetic_frames(20, seed=5)
+    missing = {5, 6, 12}
+    path = tmp_path / "gaps.db3"
+    write_db3(path, [(c, None if k in missing else d) for k, (c, d) in enumerate(frames)], paced=True)
+    assert db3_image_counts(path) == {"color": 20, "depth": 17}
+    got = collect(open_replay(ReplayConfig(str(path), loop=False, realtime=False)))
+    ids = [[k for k, (c, _) in enumerate(frames) if np.array_equal(c, f.color)] for f in got]
+    assert all(len(i) == 1 for i in ids), ids
+    order = [i[0] for i in ids]
+    assert order == sorted(set(order)) and missing & set(order), order  # each once, in order
+    for k, f in zip(order, got):
+        # its own instant's depth or none (the pipeline may have dropped it); never another's
+        assert f.depth is None if k in missing else (f.depth is None or np.array_equal(f.depth, frames[k][1])), k
+
+
 def test_db3_realtime_replay_is_paced_and_stamped_on_arrival(tmp_path):
     frames = synthetic_frames(30)
     path = tmp_path / "paced.db3"
