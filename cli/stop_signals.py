@@ -38,6 +38,11 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is not threading.main_thread():
             return self  # only the main thread may install handlers; the caller keeps its own
+        # A crash of a process that drives an arm must say where: on SIGSEGV (seen once, after a SIGTERM
+        # stop beside CPU hogs, not yet explained) Python prints every thread's stack. Left enabled
+        # after the run: a crash while the interpreter shuts down is reported too.
+        if not faulthandler.is_enabled():
+            faulthandler.enable(file=sys.__stderr__ or sys.stderr)
         self._install(signal.SIGTERM)
         # Ctrl-C: only where Python's own handler is in place. A run started with SIGINT ignored (a
         # background job of a non-interactive shell) keeps ignoring it, as every Unix program does.

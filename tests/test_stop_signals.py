@@ -76,3 +76,14 @@ def test_the_deadline_ends_with_the_run():
         "time.sleep(2.5)\n"
         "print('still here')\n")
     assert proc.returncode == 0 and "still here" in proc.stdout, proc
+
+
+def test_a_crash_after_a_run_prints_every_threads_stack():
+    """A segfault in the process that drove an arm (seen once after a SIGTERM stop, unexplained)
+    must leave a trace: without one, Python dies silently with -11."""
+    crash = ("import ctypes\nfrom molmoact_edge.stop_signals import StopSignals\n"
+             "with StopSignals():\n    pass\nctypes.string_at(0)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONFAULTHANDLER"}
+    proc = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == -signal.SIGSEGV, proc.stderr
+    assert "Segmentation fault" in proc.stderr and "most recent call first" in proc.stderr, proc.stderr
