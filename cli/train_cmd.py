@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="frames per scene from random arm positions at the goal's height, where the expert moves across")
     p.add_argument("--descent-samples", type=non_negative_int, default=0,
                    help="frames per scene on the expert's way down from the start pose (the last near the goal's height)")
+    p.add_argument("--near-goal-samples", type=non_negative_int, default=0,
+                   help="frames per scene within 5 cm of the goal at its height, where the expert's steps shrink")
     p.add_argument("--single-object-scenes", type=non_negative_int, default=0,
                    help="also this many scenes with one object (seeds --seeds.., all below 1000): where it lies is "
                         "then all the image tells, the first step of finding the named one among three")
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             + (f" and single-object seeds {single[0]}..{single[-1]}" if single else "") + f" into {data}")
         generate(data, DataConfig(seeds=tuple(range(args.seeds)), path_samples=args.path_samples,
                                   random_samples=args.random_samples, hover_samples=args.hover_samples,
-                                  descent_samples=args.descent_samples,
+                                  descent_samples=args.descent_samples, near_goal_samples=args.near_goal_samples,
                                   single_object_seeds=single),
                  Tokenizer.from_checkpoint(ckpt_init), say)
     trainer = Trainer(ckpt, data, tconf)

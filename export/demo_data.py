@@ -24,7 +24,8 @@ in the same MJCF franky-sim simulates (gripper pointing down, as franky-sim star
 straight line from franky-sim's start pose to the goal, at random poses in the workspace (so that
 the policy also learns to recover from where its own mistakes take it) and, with `hover_samples`,
 at random positions at the goal's height (where the expert moves across) and, with
-`descent_samples`, on the expert's way down from the start pose. Seeds below
+`descent_samples`, on the expert's way down from the start pose and, with `near_goal_samples`,
+within NEAR_GOAL_M of the goal at its height (where the expert's steps shrink). Seeds below
 `TRAIN_SEEDS_BELOW` only. No torch here: the training side (export/train_demo.py) reads the
 samples.
 """
@@ -53,6 +54,7 @@ START_EE = (0.5544, 0.0, 0.5214)  # franky-sim's start pose of the end effector 
 TCP_OFFSET_M = 0.1034  # hand body -> franky's end-effector point, along the hand's z axis
 GRIPPER_OPEN = 1.0
 STEP_M = ExpertConfig(goal=(0.0, 0.0, 0.0)).step_m
+NEAR_GOAL_M = 0.05  # half-width of the square around the goal that near_goal_samples draw from
 
 DEPTH_GLUE = "The depth map of the first image is "
 TRACE_GLUE = ". The trajectory of the end effector in the first image is "
@@ -169,6 +171,9 @@ class DataConfig:
     # Frames on the expert's way down from the start pose (its x and y within 1 cm, random heights
     # above the goal's; the last one within 2.5 steps of it, where the expert turns to move across).
     descent_samples: int = 0
+    # Frames within NEAR_GOAL_M of the goal in x and y, at its height (within a step): where the expert's
+    # steps shrink below STEP_M and an episode is won or lost (the policy must stop short, not overshoot).
+    near_goal_samples: int = 0
     # Scenes with ONE object (never evaluated): where it lies is then all the image has to tell, a
     # one-step lesson (find the object, read its position) that the three-object scenes' two steps
     # (which object the instruction names, then where it is) build on.
@@ -197,6 +202,9 @@ def _positions(scene: Scene, cfg: DataConfig, rng: np.random.Generator) -> list[
         last = j == cfg.descent_samples - 1
         z = rng.uniform(goal[2] + 0.2 * STEP_M, goal[2] + 2.5 * STEP_M) if last else rng.uniform(goal[2] + STEP_M, start[2])
         out.append(np.array([start[0] + rng.uniform(-0.01, 0.01), start[1] + rng.uniform(-0.01, 0.01), z]))
+    for _ in range(cfg.near_goal_samples):
+        dx, dy = rng.uniform(-NEAR_GOAL_M, NEAR_GOAL_M, 2)
+        out.append(goal + np.array([dx, dy, rng.uniform(-0.8, 0.8) * STEP_M]))
     return out
 
 

@@ -9,6 +9,7 @@ import pytest
 from molmoact_edge.hardware.render_camera import SceneRenderer  # noqa: F401  (first: MuJoCo's headless GL)
 from molmoact_edge.export.demo_data import (
     CHUNK,
+    NEAR_GOAL_M,
     NORM_STATS,
     START_EE,
     STEP_M,
@@ -36,7 +37,7 @@ def tok(fixture_a):
 def data(tok, tmp_path_factory):
     out = generate(tmp_path_factory.mktemp("demo-data"), DataConfig(seeds=(3, 4), path_samples=2, random_samples=1,
                                                                           hover_samples=1, descent_samples=1,
-                                                                          single_object_seeds=(5,)), tok)
+                                                                          near_goal_samples=1, single_object_seeds=(5,)), tok)
     return out, read_samples(out)
 
 
@@ -49,7 +50,7 @@ def _decoder(tok):
 
 def test_answers_parse_to_what_the_expert_meant(tok, data):
     out, samples = data
-    assert len(samples) == 2 * 5 * 3 + 5 and all((out / s["image"]).is_file() for s in samples)
+    assert len(samples) == 2 * 6 * 3 + 6 and all((out / s["image"]).is_file() for s in samples)
     dec = _decoder(tok)
     intr = camera_intrinsics()
     for s in samples:
@@ -100,6 +101,21 @@ def test_descent_frames_lie_above_the_start_pose_where_the_expert_turns(data):
         ee, goal = np.array(s["ee"]), np.array(s["goal"])
         assert np.all(np.abs(ee[:2] - np.array(START_EE[:2])) <= 0.01)
         assert goal[2] + 0.2 * STEP_M <= ee[2] <= goal[2] + 2.5 * STEP_M
+
+
+def test_near_goal_frames_lie_beside_the_scene_target_at_its_height(data):
+    _, samples = data
+    near = [s for s in samples if s["image"].endswith("-05.png")]  # the one near-goal frame, after descent
+    assert len(near) == 2 * 3 + 1
+    checked = 0
+    for s in near:
+        scene = Scene.from_seed(s["seed"], s["n_objects"])
+        if s["target"] != scene.target:
+            continue  # the same image under another object's instruction: that goal is anywhere
+        ee, goal = np.array(s["ee"]), np.array(s["goal"])
+        assert np.all(np.abs(ee[:2] - goal[:2]) <= NEAR_GOAL_M) and abs(ee[2] - goal[2]) <= STEP_M
+        checked += 1
+    assert checked == 3
 
 
 def test_answers_are_accepted_by_the_output_grammar(tok, data):
