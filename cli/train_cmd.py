@@ -53,6 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-scenes", type=non_negative_int, default=10,
                    help="held-out scenes (seeds 1000..) whose frames measure, at every save, whether the model reads "
                         "the instruction and the image (Trainer.probe); 0: none")
+    p.add_argument("--rollouts-from", type=Path, default=None, metavar="BUNDLE",
+                   help="DAgger: before training, roll this bundle out on training scenes and add the poses it "
+                        "visits, labelled by the expert, to --out/data (export/demo_rollout.py)")
+    p.add_argument("--rollout-scenes", type=positive_int, default=30, help="three-object scenes to roll out on")
+    p.add_argument("--rollout-first-seed", type=non_negative_int, default=0,
+                   help="their seeds: this one and the next --rollout-scenes - 1 (below 1000)")
+    p.add_argument("--rollout-steps", type=positive_int, default=45, help="answers per rollout at most")
     p.add_argument("--resume", action="store_true",
                    help="continue from the weights in --out/checkpoint (a fresh learning-rate schedule of --steps)")
 
@@ -103,6 +110,21 @@ def run(args: argparse.Namespace) -> int:
                                   descent_samples=args.descent_samples, near_goal_samples=args.near_goal_samples,
                                   single_object_seeds=single),
                  Tokenizer.from_checkpoint(ckpt_init), say)
+    if args.rollouts_from is not None:
+        from molmoact_edge.export.demo_rollout import add_rollouts
+
+        seeds = range(args.rollout_first_seed, args.rollout_first_seed + args.rollout_scenes)
+        if seeds[-1] >= 1000:
+            raise UsageError(f"--rollout-first-seed {args.rollout_first_seed} + --rollout-scenes {args.rollout_scenes}: "
+                             "rollout seeds must stay below 1000 (evaluation uses 1000 and up)")
+        if not (args.rollouts_from / "manifest.json").exists():
+            raise UsageError(f"--rollouts-from {args.rollouts_from}: not a bundle (no manifest.json); export one with "
+                             "`molmoact-edge demo-policy` and `molmoact-edge export`")
+        say(f"rolling {args.rollouts_from} out on training scenes {seeds[0]}..{seeds[-1]}")
+        got = add_rollouts(data, args.rollouts_from, seeds, Tokenizer.from_checkpoint(ckpt_init),
+                           args.rollout_steps, args.threads, say)
+        say(f"rollouts: {got['reached']} of {got['scenes']} reached the goal; added {got['images']} frames "
+            f"({got['samples']} samples)")
     trainer = Trainer(ckpt, data, tconf)
     probe_samples = []
     if args.probe_scenes > 0:

@@ -267,3 +267,41 @@ def test_the_fixed_connector_passes_the_vit_features_through_linearly(tmp_path):
     assert not out[:, 63:].any()
     with torch.no_grad():  # and linear in the features: doubling them doubles the rows
         assert torch.allclose(vb.pool(2 * feats, idx), 2 * out, atol=1e-5)
+
+
+def test_rollouts_from_a_bundle_add_expert_labelled_frames_of_the_poses_it_visits(tiny_run, tmp_path, fixture_a):
+    """train-demo --rollouts-from (DAgger): the tiny run's own checkpoint, exported, rolled out on a
+    training scene; each kept pose becomes a frame under two names (one file), every instruction of
+    the scene posed, its answer the expert's from that pose."""
+    import os
+    import shutil
+
+    from molmoact_edge.export.demo_data import NORM_STATS, STEP_M
+    from molmoact_edge.export.onnx_export import export_bundle
+    from molmoact_edge.main import main
+    from molmoact_edge.runtime.control.expert import DEMO_UNNORM_KEY, expert_actions
+    from molmoact_edge.runtime.engine.actions import ActionDecoder
+    from molmoact_edge.runtime.engine.config import ActionStats
+    from molmoact_edge.runtime.engine.parser import parse_step
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    bundle = export_bundle(out / "checkpoint", tmp_path / "bundle", progress=lambda s: None)
+    before = len(read_samples(out / "data"))
+    args = ["train-demo", "--out", str(out), "--seeds", "1", "--steps", "1", "--resume", "--probe-scenes", "0",
+            "--rollouts-from", str(bundle), "--rollout-scenes", "1", "--rollout-first-seed", "5", "--rollout-steps", "3"]
+    assert main(args) == 0
+    added = read_samples(out / "data")[before:]
+    images = sorted({s["image"] for s in added})
+    assert images and all(s["seed"] == 5 for s in added) and len(added) == 3 * len(images)
+    for a in (i for i in images if i.endswith("a.png")):
+        b = a[:-5] + "b.png"
+        assert b in images and os.path.samefile(out / "data" / a, out / "data" / b)
+    tok = Tokenizer.from_checkpoint(fixture_a / "checkpoint")
+    dec = ActionDecoder(base_vocab=tok.rust.get_vocab(with_added_tokens=False), base_vocab_size=tok.special.base_vocab_size,
+                        stats=ActionStats.from_json(DEMO_UNNORM_KEY, NORM_STATS[DEMO_UNNORM_KEY]), unnorm_key=DEMO_UNNORM_KEY)
+    for s in added:
+        p = parse_step(s["answer"], dec, depth_codes=100, codebook_size=128)
+        want = expert_actions(np.array(s["ee"]), np.array(s["goal"]), STEP_M, CHUNK)
+        assert p.ok and np.abs(p.actions[:, :3] - want[:, :3]).max() <= 2 * STEP_M / 255
+    assert main(args[:-8] + ["--rollouts-from", str(bundle), "--rollout-first-seed", "999", "--rollout-scenes", "2"]) == 2
