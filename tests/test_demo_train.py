@@ -305,3 +305,27 @@ def test_rollouts_from_a_bundle_add_expert_labelled_frames_of_the_poses_it_visit
         want = expert_actions(np.array(s["ee"]), np.array(s["goal"]), STEP_M, CHUNK)
         assert p.ok and np.abs(p.actions[:, :3] - want[:, :3]).max() <= 2 * STEP_M / 255
     assert main(args[:-8] + ["--rollouts-from", str(bundle), "--rollout-first-seed", "999", "--rollout-scenes", "2"]) == 2
+
+
+def test_the_shipped_demo_policy_expands_exports_and_finds_the_named_object(tmp_path, capsys):
+    """The weights in the package (session 8's run rf3: 17 of 20 held-out closed-loop episodes):
+    `demo-policy` without --weights expands them into the official layout, the loader and export
+    accept it, and on held-out rendered frames its trace ends on the named object (the issue's
+    trace criterion) and its first step from the start pose goes down, as the expert's does."""
+    from molmoact_edge.export.checkpoint import load_model
+    from molmoact_edge.export.demo_data import heldout_frames
+    from molmoact_edge.main import main
+    from molmoact_edge.runtime.engine.pipeline import open_bundle
+
+    ckpt, bundle = tmp_path / "ckpt", tmp_path / "bundle"
+    assert main(["demo-policy", "--out", str(ckpt)]) == 0
+    load_model(ckpt)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(bundle)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--bundle", str(bundle), "--seed", "1000", "--episodes", "2", "--trace-frames", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["frames"] == 4 and report["trace_hit_rate"] == 1.0, report
+    rgb, instruction, _, _ = next(heldout_frames([1002], 1))  # the start pose
+    with open_bundle(bundle) as pipe:
+        res = pipe.act([rgb], instruction, max_new_tokens=512, max_actions=CHUNK)
+    assert res.parsed.ok and res.actions[0][2] < -0.005 and abs(res.actions[0][0]) < 0.002, res.actions
