@@ -14,7 +14,7 @@ from pathlib import Path
 
 from molmoact_edge.errors import CommandError
 
-PACKAGED = "demo-policy.npz"  # shipped in molmoact_edge/assets once a trained policy is committed
+PACKAGED = "demo-policy.npz"  # shipped in molmoact_edge/assets (cli/assets/README.md)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
