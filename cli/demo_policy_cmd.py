@@ -23,14 +23,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compact weights (.npz from train-demo); default: the ones shipped with the package")
 
 
+def packaged_weights() -> Path:
+    """The compact weights shipped in the package, or a CommandError saying how to make some."""
+    packaged = resources.files("molmoact_edge").joinpath("assets", PACKAGED)
+    if not packaged.is_file():
+        raise CommandError("this installation ships no trained demo-policy weights; train them with "
+                           "`molmoact-edge train-demo --out DIR` and pass --weights DIR/demo-policy.npz")
+    return Path(str(packaged))
+
+
 def run(args: argparse.Namespace) -> int:
-    weights = args.weights
-    if weights is None:
-        packaged = resources.files("molmoact_edge").joinpath("assets", PACKAGED)
-        if not packaged.is_file():
-            raise CommandError("this installation ships no trained demo-policy weights; train them with "
-                               "`molmoact-edge train-demo --out DIR` and pass --weights DIR/demo-policy.npz")
-        weights = Path(str(packaged))
+    weights = packaged_weights() if args.weights is None else args.weights
     if not Path(weights).is_file():
         raise CommandError(f"--weights {weights} does not exist; `molmoact-edge train-demo --out DIR` writes DIR/demo-policy.npz")
     from molmoact_edge.export.train_demo import expand_compact

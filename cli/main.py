@@ -15,7 +15,7 @@ from molmoact_edge.errors import EXIT_STATUS_HELP, USAGE, describe, report
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("molmoact_edge.demo_cmd", "offline demo: build a tiny random checkpoint and run generate on it"),
+    "demo": ("molmoact_edge.demo_cmd", "offline demo: the trained demo policy moves the simulated arm to the named object (rendered scene)"),
     "generate": ("molmoact_edge.generate_cmd", "run one MolmoAct step on images + an instruction"),
     "bench": ("molmoact_edge.bench_cmd", "benchmark one step: our onnxruntime loop vs torch vs transformers "
                                          "(minutes, 4-5 GB RAM)"),
