@@ -47,21 +47,31 @@ class SceneSim(SimServer):
             pass
 
 
-def _gl_backend() -> None:
+def _gl_backend() -> bool:
+    """Choose headless EGL unless MUJOCO_GL says otherwise; False when it is too late to choose."""
     # MuJoCo picks its GL platform when it is first imported: this runs when this module is imported,
     # so import it before anything imports mujoco.
+    too_late = "mujoco" in sys.modules and "MUJOCO_GL" not in os.environ
     os.environ.setdefault("MUJOCO_GL", "egl")
     if os.environ["MUJOCO_GL"] in ("egl", "osmesa"):
         os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+    return not too_late
 
 
-_gl_backend()
+# False: mujoco was imported first without MUJOCO_GL and took GLFW, which needs a display. Rendering
+# without one then fails, and after a few tries GLFW aborts the whole process (seen in a test run).
+_HEADLESS_CHOSEN = _gl_backend()
 
 
 class SceneRenderer:
     """Renders one scene at a given qpos: RGB (uint8) and depth (metres) from the scene camera."""
 
     def __init__(self, scene: Scene) -> None:
+        if not _HEADLESS_CHOSEN and not os.environ.get("DISPLAY"):
+            raise CameraError(
+                "mujoco was imported before molmoact_edge.hardware.render_camera, without MUJOCO_GL, so it chose "
+                "GLFW, which needs a display; set MUJOCO_GL=egl in the environment or import "
+                "molmoact_edge.hardware.render_camera before mujoco")
         import mujoco
 
         from .scene_server import scene_mjcf

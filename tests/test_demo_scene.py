@@ -195,3 +195,26 @@ def test_state_file_never_returns_a_half_written_state(tmp_path):
     w._mm[0] += 1  # a writer stopped mid-write
     w._mm[2:] = -1.0
     assert r.read(tries=3) is None
+
+
+def test_mujoco_imported_first_without_a_display_is_a_clear_error_not_an_abort():
+    """MuJoCo fixes its GL platform at its first import. Imported before render_camera without
+    MUJOCO_GL it takes GLFW, which needs a display: rendering then failed, and a few tries later GLFW
+    aborted the whole process (a test run died so). It is now a CameraError naming the fix."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "PYOPENGL_PLATFORM", "DISPLAY")}
+    code = ("import mujoco\n"
+            "from molmoact_edge.hardware.render_camera import SceneRenderer\n"
+            "from molmoact_edge.hardware.scene import Scene\n"
+            "for _ in range(8):\n"
+            "    try:\n"
+            "        SceneRenderer(Scene.from_seed(0))\n"
+            "    except Exception as e:\n"
+            "        last = e\n"
+            "print(type(last).__name__, last)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("CameraError") and "MUJOCO_GL=egl" in proc.stdout, proc.stdout
