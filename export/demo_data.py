@@ -33,6 +33,7 @@ samples.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -226,8 +227,6 @@ def generate(out_dir: str | Path, cfg: DataConfig, tokenizer, progress=lambda *a
 def _write_frames(f, out: Path, scene: Scene, positions: list[np.ndarray], table: list[str]) -> int:
     """Render `scene` with the end effector at each position, save the images under out/images and
     write their `frame_records` to the open samples file `f`; returns how many records."""
-    from PIL import Image
-
     from molmoact_edge.hardware.render_camera import SceneRenderer
 
     renderer = SceneRenderer(scene)
@@ -236,14 +235,29 @@ def _write_frames(f, out: Path, scene: Scene, positions: list[np.ndarray], table
         n = 0
         for k, ee in enumerate(positions):
             rgb, depth = renderer.render(poser.pose(ee))
-            name = f"images/{scene.seed:04d}-{k:02d}.png"
-            Image.fromarray(rgb).save(out / name)
-            for record in frame_records(scene, ee, name, depth_codes(depth), table):
-                f.write(json.dumps(record) + "\n")
-                n += 1
+            n += write_frame(f, out, scene, ee, rgb, depth, [f"images/{scene.seed:04d}-{k:02d}.png"], table)
         return n
     finally:
         renderer.close()
+
+
+def write_frame(f, out: Path, scene: Scene, ee: np.ndarray, rgb: np.ndarray, depth: np.ndarray, names: list[str],
+                table: list[str]) -> int:
+    """Save one rendered frame under out/names[0] (further names: hard links to the same file, so that a
+    frame is sampled once per name) and write its `frame_records` under each name to the open samples
+    file `f`; returns how many records."""
+    from PIL import Image
+
+    Image.fromarray(rgb).save(out / names[0])
+    for extra in names[1:]:
+        if not (out / extra).exists():
+            os.link(out / names[0], out / extra)
+    codes, n = depth_codes(depth), 0
+    for name in names:
+        for record in frame_records(scene, ee, name, codes, table):
+            f.write(json.dumps(record) + "\n")
+            n += 1
+    return n
 
 
 def frame_records(scene: Scene, ee: np.ndarray, image: str, codes: list[int], table: list[str]) -> list[dict]:

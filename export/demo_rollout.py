@@ -19,15 +19,13 @@ image names, so that training draws it twice as often as any other frame. No tor
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from molmoact_edge.export.demo_data import CHUNK, START_EE, ArmPoser, action_strings, depth_codes, frame_records
+from molmoact_edge.export.demo_data import CHUNK, START_EE, ArmPoser, action_strings, write_frame
 from molmoact_edge.hardware.scene import SUCCESS_RADIUS_M, TRAIN_SEEDS_BELOW, Scene
 
 ROLLOUT_BOX = (np.array([0.30, -0.30, 0.12]), np.array([0.70, 0.30, 0.56]))  # base frame, metres
@@ -76,8 +74,6 @@ def add_rollouts(data_dir: str | Path, bundle: str | Path, seeds, tokenizer, max
     """Roll the bundle out on the three-object training scenes `seeds` and append the kept poses'
     expert-labelled samples to data_dir/samples.jsonl (images under data_dir/images, named after
     the bundle so that rounds with other bundles add frames instead of replacing them)."""
-    from PIL import Image
-
     from molmoact_edge.hardware.render_camera import SceneRenderer
     from molmoact_edge.runtime.engine.pipeline import open_bundle
 
@@ -102,15 +98,9 @@ def add_rollouts(data_dir: str | Path, bundle: str | Path, seeds, tokenizer, max
             finally:
                 renderer.close()
             for j in kept(run.poses, scene.target_object.goal):
+                # Two names: each visited pose is sampled twice as often as an expert frame.
                 names = [f"images/{seed:04d}-{tag}-{j:02d}{copy}.png" for copy in ("a", "b")]
-                Image.fromarray(run.frames[j][0]).save(data / names[0])
-                if not (data / names[1]).exists():
-                    os.link(data / names[0], data / names[1])  # the same file under a second name
-                codes = depth_codes(run.frames[j][1])
-                for name in names:
-                    for record in frame_records(scene, run.poses[j], name, codes, table):
-                        f.write(json.dumps(record) + "\n")
-                        summary["samples"] += 1
+                summary["samples"] += write_frame(f, data, scene, run.poses[j], *run.frames[j], names, table)
                 summary["images"] += 1
             f.flush()
             summary["scenes"] += 1
