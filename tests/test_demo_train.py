@@ -310,8 +310,9 @@ def test_rollouts_from_a_bundle_add_expert_labelled_frames_of_the_poses_it_visit
 def test_the_shipped_demo_policy_expands_exports_and_finds_the_named_object(tmp_path, capsys):
     """The weights in the package (session 8's run rf3: 17 of 20 held-out closed-loop episodes):
     `demo-policy` without --weights expands them into the official layout, the loader and export
-    accept it, and on held-out rendered frames its trace ends on the named object (the issue's
-    trace criterion) and its first step from the start pose goes down, as the expert's does."""
+    accept it, on held-out rendered frames its trace ends on the named object (the issue's trace
+    criterion) and its first step from the start pose goes down, as the expert's does, and the torch
+    reference and the bundle agree on every greedy id."""
     from molmoact_edge.export.checkpoint import load_model
     from molmoact_edge.export.demo_data import heldout_frames
     from molmoact_edge.main import main
@@ -329,3 +330,17 @@ def test_the_shipped_demo_policy_expands_exports_and_finds_the_named_object(tmp_
     with open_bundle(bundle) as pipe:
         res = pipe.act([rgb], instruction, max_new_tokens=512, max_actions=CHUNK)
     assert res.parsed.ok and res.actions[0][2] < -0.005 and abs(res.actions[0][0]) < 0.002, res.actions
+
+    # The parity machinery of a released checkpoint: the torch reference straight from the checkpoint
+    # folder and the bundle on onnxruntime give the same greedy ids, through the same command.
+    from PIL import Image
+
+    Image.fromarray(rgb).save(tmp_path / "frame.png")
+    ids = {}
+    for source in (["--checkpoint", str(ckpt)], ["--bundle", str(bundle)]):
+        assert main(["generate", *source, "--image", str(tmp_path / "frame.png"), "--instruction", instruction,
+                     "--max-new-tokens", "512", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["parse_errors"] == [], out["parse_errors"]
+        ids[source[0]] = out["token_ids"]
+    assert ids["--checkpoint"] == ids["--bundle"] and len(ids["--bundle"]) > 200
