@@ -63,7 +63,8 @@ class RecordingReplayCamera(PipelineCamera):
         super().__init__(name=f"replay:{Path(config.path).name}", clock=clock)
         self.config = config
         self.unpaired = 0  # framesets whose colour and depth were not captured together
-        self._last_color = -1  # frame number of the last colour frame delivered
+        self._last_color = -1  # frame numbers of the last colour frame delivered and of the last depth
+        self._last_depth = -1  # frame delivered beside one (each stream counts its own frames)
         self._fps = 30.0
 
     def _open(self) -> Intrinsics:
@@ -100,13 +101,22 @@ class RecordingReplayCamera(PipelineCamera):
             if not color:
                 continue
             # A replay reproduces the pairs that were recorded: a colour frame beside a depth frame
-            # of another instant is delivered once, without depth.
-            paired = not depth or same_instant(color.get_timestamp(), depth.get_timestamp(), self._fps)
+            # of another instant is delivered once, without depth. The pipeline's filler is the
+            # stream's previous frame, so a frame number seen before gives it away even where the
+            # instants lie closer than half a period (a recording of a replay on a busy CPU is
+            # stamped on arrival, in bursts: measured 10 of 30 framesets pairing neighbours 5 ms apart).
+            c, d = color.get_frame_number(), depth.get_frame_number() if depth else None
+            if depth and c == self._last_color and d != self._last_depth:
+                continue  # the colour frame already delivered, filled in beside the next depth frame
+            paired = not depth or (not (d == self._last_depth and c != self._last_color)
+                                   and same_instant(color.get_timestamp(), depth.get_timestamp(), self._fps))
             if not paired:
                 self.unpaired += 1
-                if color.get_frame_number() == self._last_color:
+                if c == self._last_color:
                     continue
-            self._last_color = color.get_frame_number()
+            self._last_color = c
+            if paired and depth:
+                self._last_depth = d
             return self._arrays(fs, with_depth=paired)
         return None
 
