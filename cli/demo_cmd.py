@@ -120,6 +120,11 @@ def _episode(args) -> int:
     else:
         print(f"no success: {ep.fault or ep.reason}; closest {100 * ep.min_distance_m:.1f} cm from the goal")
     print(f"steps     : {ep.steps} policy answers, median step latency {'-' if lat is None else f'{lat:.0f} ms'}")
+    if ep.decode:
+        from molmoact_edge.eval_cmd import describe_decode
+        from molmoact_edge.runtime.control.evaluate import decode_summary
+
+        print(describe_decode(decode_summary(ep.decode)).replace("decoding: ", "decoding  : ", 1))
     print(f"video     : {ep.gif or 'none (no frame was rendered)'}")
     return 0
 

@@ -31,6 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="norm_stats key for de-normalising actions (needed when the checkpoint has several)")
     p.add_argument("--max-new-tokens", type=_positive, default=256, help="answer budget (grammar on)")
     p.add_argument("--threads", type=_positive, default=None, help="onnxruntime intra-op threads")
+    task = p.add_argument_group("task success (the demo task in the rendered tabletop; meaningful for the trained "
+                                "demo policy's bundles)")
+    task.add_argument("--task-episodes", type=int, default=0,
+                      help="run each candidate closed-loop on this many seeded episodes (`eval`'s) and report its "
+                           "success rate; 0: off")
+    task.add_argument("--task-seed", type=int, default=1000, help="first episode seed (>= 1000: never trained on)")
+    task.add_argument("--task-limit", type=float, default=30.0, help="simulated seconds per episode")
     sens = p.add_argument_group("per-layer sensitivity (torch; needs the reference checkpoint)")
     sens.add_argument("--checkpoint", type=Path, default=None,
                       help="the reference's checkpoint folder: ranks the linear layers one at a time and "
@@ -46,6 +53,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="calibration set for data-dependent schemes (default: the shipped set)")
     sens.add_argument("--calib-samples", type=_positive, default=None,
                       help="calibration samples for data-dependent schemes (default: the whole split)")
+
+
+def _task_success_hook(args):
+    """None, or the per-candidate closed-loop evaluation the study calls (validated before any work)."""
+    if args.task_episodes < 0:
+        raise UsageError(f"--task-episodes must be >= 0, got {args.task_episodes}")
+    if args.task_episodes == 0:
+        return None
+    if args.task_seed < 1000:
+        raise UsageError(f"--task-seed {args.task_seed}: seeds below 1000 are the demo policy's training seeds")
+    from molmoact_edge.runtime.control.evaluate import EvalConfig, bundle_task_success
+
+    try:
+        config = EvalConfig(limit_s=args.task_limit, worker="process")
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    seeds = [args.task_seed + i for i in range(args.task_episodes)]
+    return lambda bundle: bundle_task_success(bundle, seeds, config, args.unnorm_key)
 
 
 def run(args) -> int:
@@ -70,12 +95,13 @@ def run(args) -> int:
 
         if isinstance(recipe, FloatRecipe):
             raise UsageError("--sensitivity-scheme fp16 quantises no layer; choose a quantising scheme (e.g. int4-rtn)")
+    task_success = _task_success_hook(args)
     try:
         run_study(args.reference, args.candidates, args.out, data=args.data, split=args.split,
                   unnorm_key=args.unnorm_key, samples=args.samples, max_new_tokens=args.max_new_tokens,
                   threads=args.threads, checkpoint=args.checkpoint, sensitivity_scheme=args.sensitivity_scheme,
                   sensitivity_target=args.sensitivity_target, keep_top=args.keep_top, keep_budget=args.keep_budget, calib=args.calib,
-                  calib_samples=args.calib_samples)
+                  calib_samples=args.calib_samples, task_success=task_success)
     except (ConfigError, CalibrationError):
         raise  # already explained; the central error path reports them (exit 1)
     except ValueError as e:

@@ -2,8 +2,9 @@
 
 Task success hook: ``task_success(bundle_path) -> dict | None`` is called once per candidate; its
 result is stored as the candidate's ``task_success`` (e.g. ``{"episodes": 20, "successes": 17,
-"seeds": [...]}``). Nothing provides one yet: it belongs with the trained demo policy and its
-seeded simulated episodes (issue 16). Without it the field is null and the report says why.
+"seeds": [...]}``). `molmoact-edge study --task-episodes N` passes one that runs the demo task's
+closed-loop episodes (runtime/control/evaluate.bundle_task_success). Without one the field is null
+and the report says why.
 """
 
 from __future__ import annotations

@@ -67,6 +67,9 @@ class EpisodeResult:
     commands: int
     step_latency_ms: list[float] = field(default_factory=list)
     gif: str | None = None
+    # The policy's decoding summed over its answers (MolmoAct only: new_tokens, llm_forwards,
+    # draft_tokens, accepted_tokens): how far drafting from the previous answer cut the forwards.
+    decode: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -74,6 +77,24 @@ class EpisodeResult:
         d["step_latency_ms"] = {"median": float(np.median(lat)) if lat else None,
                                 "max": float(np.max(lat)) if lat else None, "n": len(lat)}
         return d
+
+
+DECODE_COUNTS = ("new_tokens", "llm_forwards", "draft_tokens", "accepted_tokens")
+
+
+def decode_counts(chunks: list[dict]) -> dict[str, int]:
+    """Sum the decode counts of the run log's chunk records (empty for a policy that reports none)."""
+    infos = [c.get("info") or {} for c in chunks]
+    if not any("new_tokens" in i for i in infos):
+        return {}
+    return {k: int(sum(i.get(k, 0) for i in infos)) for k in DECODE_COUNTS}
+
+
+def decode_summary(counts: dict[str, int]) -> dict:
+    """Forwards per new token and the share of drafted tokens accepted (None where undefined)."""
+    tokens, drafted = counts.get("new_tokens", 0), counts.get("draft_tokens", 0)
+    return {**counts, "forwards_per_token": counts["llm_forwards"] / tokens if tokens else None,
+            "draft_acceptance": counts["accepted_tokens"] / drafted if drafted else None}
 
 
 def _fit_speeds(safety: SafetyConfig, arm: FrankyArm) -> SafetyConfig:
@@ -128,8 +149,8 @@ def run_episode(seed: int, spec_for: Callable[[Scene], PolicySpec], config: Eval
                         return False
 
                     result = loop.run(until=reached)
-                latencies = [1000.0 * (e["finished_at"] - e["observation_time"])
-                             for e in read_log(log_path) if e["kind"] == "chunk"]
+                chunks = [e for e in read_log(log_path) if e["kind"] == "chunk"]
+                latencies = [1000.0 * (e["finished_at"] - e["observation_time"]) for e in chunks]
     gif = None
     if gif_path is not None and frames:
         gif = str(write_gif(frames, gif_path, 1.0 / config.fps))
@@ -140,6 +161,7 @@ def run_episode(seed: int, spec_for: Callable[[Scene], PolicySpec], config: Eval
         reason=("success" if track["at"] is not None else "timeout" if track["timeout"] else result.reason)
         if result.reason == "until" else result.reason, fault=None if result.fault is None else f"{result.fault.kind}: {result.fault.message}",
         steps=result.chunks, ticks=result.ticks, commands=result.commands, step_latency_ms=latencies, gif=gif,
+        decode=decode_counts(chunks),
     )
 
 
@@ -178,12 +200,15 @@ class EvalReport:
     def to_dict(self) -> dict:
         times = [e.time_to_success_s for e in self.episodes if e.success]
         lat = [v for e in self.episodes for v in e.step_latency_ms]
+        counts = {k: sum(e.decode.get(k, 0) for e in self.episodes) for k in DECODE_COUNTS} \
+            if any(e.decode for e in self.episodes) else {}
         return {
             "policy": self.policy, "episodes": len(self.episodes), "success_rate": self.success_rate,
             "successes": sum(e.success for e in self.episodes),
             "time_to_success_s_median": float(np.median(times)) if times else None,
             "steps_median": float(np.median([e.steps for e in self.episodes])) if self.episodes else None,
             "step_latency_ms_median": float(np.median(lat)) if lat else None,
+            "decode": decode_summary(counts) if counts else None,
             "stopped": self.stopped, "per_episode": [e.to_dict() for e in self.episodes],
         }
 
@@ -223,3 +248,16 @@ def expert_spec(scene: Scene) -> PolicySpec:
     """The privileged expert's spec for a scene (sim-only: it is given the goal)."""
     return PolicySpec(kind="expert", options={"goal": tuple(float(v) for v in scene.target_object.goal)})
 
+
+
+def bundle_task_success(bundle: str | Path, seeds: list[int], config: EvalConfig = EvalConfig(),
+                        unnorm_key: str | None = None) -> dict:
+    """A MolmoAct bundle's task success on seeded episodes, as the quantisation study records it per
+    candidate (`molmoact-edge study --task-episodes N`)."""
+    options = {"bundle": str(bundle), "unnorm_key": unnorm_key, "max_new_tokens": 512, "max_actions": 8}
+    report = evaluate(seeds, lambda _: PolicySpec(kind="molmoact", options=options), f"molmoact:{bundle}", config)
+    d = report.to_dict()
+    keep = ("episodes", "successes", "success_rate", "time_to_success_s_median", "steps_median",
+            "step_latency_ms_median", "decode", "stopped")
+    return {"seeds": list(seeds), "limit_s": config.limit_s, **{k: d[k] for k in keep},
+            "min_distance_m": [e.min_distance_m for e in report.episodes]}
