@@ -249,7 +249,6 @@ def expert_spec(scene: Scene) -> PolicySpec:
     return PolicySpec(kind="expert", options={"goal": tuple(float(v) for v in scene.target_object.goal)})
 
 
-
 def bundle_task_success(bundle: str | Path, seeds: list[int], config: EvalConfig = EvalConfig(),
                         unnorm_key: str | None = None) -> dict:
     """A MolmoAct bundle's task success on seeded episodes, as the quantisation study records it per
