@@ -98,7 +98,7 @@ def _episode(args) -> int:
         export_bundle(ckpt, bundle, progress=say)
 
     from molmoact_edge.hardware.scene import HOVER_M, SUCCESS_RADIUS_M, Scene
-    from molmoact_edge.runtime.control.evaluate import EvalConfig, run_episode
+    from molmoact_edge.runtime.control.evaluate import EvalConfig, decode_summary, describe_decode, run_episode
     from molmoact_edge.runtime.control.policy import PolicySpec
 
     scene = Scene.from_seed(args.seed, EvalConfig.n_objects)
@@ -121,10 +121,7 @@ def _episode(args) -> int:
         print(f"no success: {ep.fault or ep.reason}; closest {100 * ep.min_distance_m:.1f} cm from the goal")
     print(f"steps     : {ep.steps} policy answers, median step latency {'-' if lat is None else f'{lat:.0f} ms'}")
     if ep.decode:
-        from molmoact_edge.eval_cmd import describe_decode
-        from molmoact_edge.runtime.control.evaluate import decode_summary
-
-        print(describe_decode(decode_summary(ep.decode)).replace("decoding: ", "decoding  : ", 1))
+        print(f"decoding  : {describe_decode(decode_summary(ep.decode))}")
     print(f"video     : {ep.gif or 'none (no frame was rendered)'}")
     return 0
 

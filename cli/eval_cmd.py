@@ -69,14 +69,6 @@ def _trace_accuracy(args, seeds: list[int]) -> int:
     return 0
 
 
-def describe_decode(dec: dict) -> str:
-    """One line: how the policy's answers decoded (drafts from each previous answer; see README)."""
-    acc = dec["draft_acceptance"]
-    return (f"decoding: {dec['new_tokens']} tokens in {dec['llm_forwards']} sequential LLM forwards "
-            f"({dec['forwards_per_token']:.2f} per token); {dec['accepted_tokens']} of {dec['draft_tokens']} drafted "
-            f"tokens accepted" + ("" if acc is None else f" ({100 * acc:.0f}%)"))
-
-
 def run(args: argparse.Namespace) -> int:
     from molmoact_edge.stop_signals import StopSignals
 
@@ -85,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from molmoact_edge.runtime.control.evaluate import EvalConfig, evaluate, expert_spec
+    from molmoact_edge.runtime.control.evaluate import EvalConfig, describe_decode, evaluate, expert_spec
     from molmoact_edge.runtime.control.policy import PolicySpec
 
     if args.policy == "molmoact":
@@ -139,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{ran[0]}-{ran[-1]}; median time to success {d['time_to_success_s_median']} s, median steps "
               f"{d['steps_median']}, median step latency {d['step_latency_ms_median']} ms")
         if d["decode"]:
-            print(describe_decode(d["decode"]))
+            print(f"decoding: {describe_decode(d['decode'])}")
     if report.stopped == "interrupted":
         say(f"interrupted after {len(report.episodes)} of {len(seeds)} episodes (the arm was stopped); the "
             "report covers those")

@@ -70,6 +70,14 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds + args.single_object_scenes > 1000:
         raise UsageError(f"--seeds {args.seeds} + --single-object-scenes {args.single_object_scenes}: training seeds "
                          "must stay below 1000 (evaluation uses 1000 and up)")
+    rollout_seeds = range(args.rollout_first_seed, args.rollout_first_seed + args.rollout_scenes)
+    if args.rollouts_from is not None:  # checked before the minutes of rendering and training below
+        if rollout_seeds[-1] >= 1000:
+            raise UsageError(f"--rollout-first-seed {args.rollout_first_seed} + --rollout-scenes {args.rollout_scenes}: "
+                             "rollout seeds must stay below 1000 (evaluation uses 1000 and up)")
+        if not (args.rollouts_from / "manifest.json").exists():
+            raise UsageError(f"--rollouts-from {args.rollouts_from}: not a bundle (no manifest.json); export one with "
+                             "`molmoact-edge demo-policy` and `molmoact-edge export`")
     from molmoact_edge.hardware.render_camera import SceneRenderer  # noqa: F401  (first: headless GL for MuJoCo)
     from molmoact_edge.export.demo_data import DataConfig, generate
     from molmoact_edge.export.train_demo import (
@@ -101,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
         ckpt_init = init_checkpoint(ckpt, args.seed, linear_connector=args.fixed_connector)
     from molmoact_edge.runtime.engine.tokenizer import Tokenizer
 
-    if not (data / "samples.jsonl").exists():
+    render = not (data / "samples.jsonl").exists()
+    tokenizer = Tokenizer.from_checkpoint(ckpt_init) if render or args.rollouts_from is not None else None
+    if render:
         single = tuple(range(args.seeds, args.seeds + args.single_object_scenes))
         say(f"rendering expert samples for seeds 0..{args.seeds - 1}"
             + (f" and single-object seeds {single[0]}..{single[-1]}" if single else "") + f" into {data}")
@@ -109,20 +119,12 @@ def run(args: argparse.Namespace) -> int:
                                   random_samples=args.random_samples, hover_samples=args.hover_samples,
                                   descent_samples=args.descent_samples, near_goal_samples=args.near_goal_samples,
                                   single_object_seeds=single),
-                 Tokenizer.from_checkpoint(ckpt_init), say)
+                 tokenizer, say)
     if args.rollouts_from is not None:
         from molmoact_edge.export.demo_rollout import add_rollouts
 
-        seeds = range(args.rollout_first_seed, args.rollout_first_seed + args.rollout_scenes)
-        if seeds[-1] >= 1000:
-            raise UsageError(f"--rollout-first-seed {args.rollout_first_seed} + --rollout-scenes {args.rollout_scenes}: "
-                             "rollout seeds must stay below 1000 (evaluation uses 1000 and up)")
-        if not (args.rollouts_from / "manifest.json").exists():
-            raise UsageError(f"--rollouts-from {args.rollouts_from}: not a bundle (no manifest.json); export one with "
-                             "`molmoact-edge demo-policy` and `molmoact-edge export`")
-        say(f"rolling {args.rollouts_from} out on training scenes {seeds[0]}..{seeds[-1]}")
-        got = add_rollouts(data, args.rollouts_from, seeds, Tokenizer.from_checkpoint(ckpt_init),
-                           args.rollout_steps, args.threads, say)
+        say(f"rolling {args.rollouts_from} out on training scenes {rollout_seeds[0]}..{rollout_seeds[-1]}")
+        got = add_rollouts(data, args.rollouts_from, rollout_seeds, tokenizer, args.rollout_steps, args.threads, say)
         say(f"rollouts: {got['reached']} of {got['scenes']} reached the goal; added {got['images']} frames "
             f"({got['samples']} samples)")
     trainer = Trainer(ckpt, data, tconf)

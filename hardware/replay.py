@@ -106,13 +106,14 @@ class RecordingReplayCamera(PipelineCamera):
             # instants lie closer than half a period (a recording of a replay on a busy CPU is
             # stamped on arrival, in bursts: measured 10 of 30 framesets pairing neighbours 5 ms apart).
             c, d = color.get_frame_number(), depth.get_frame_number() if depth else None
-            if depth and c == self._last_color and d != self._last_depth:
+            old_color, old_depth = c == self._last_color, bool(depth) and d == self._last_depth
+            if depth and old_color and not old_depth:
                 continue  # the colour frame already delivered, filled in beside the next depth frame
-            paired = not depth or (not (d == self._last_depth and c != self._last_color)
+            paired = not depth or (not (old_depth and not old_color)  # a new colour beside the filler depth
                                    and same_instant(color.get_timestamp(), depth.get_timestamp(), self._fps))
             if not paired:
                 self.unpaired += 1
-                if c == self._last_color:
+                if old_color:
                     continue
             self._last_color = c
             if paired and depth:

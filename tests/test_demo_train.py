@@ -84,6 +84,18 @@ def test_train_demo_refuses_evaluation_seeds(capsys):
     assert "below 1000" in capsys.readouterr().err
 
 
+def test_bad_rollout_flags_are_refused_before_any_work(tmp_path, capsys):
+    from molmoact_edge.main import main
+
+    out = tmp_path / "run"
+    assert main(["train-demo", "--out", str(out), "--seeds", "1", "--rollouts-from", str(tmp_path)]) == 2
+    assert "not a bundle" in capsys.readouterr().err
+    assert main(["train-demo", "--out", str(out), "--seeds", "1", "--rollouts-from", str(tmp_path),
+                 "--rollout-first-seed", "990", "--rollout-scenes", "20"]) == 2
+    assert "below 1000" in capsys.readouterr().err
+    assert not out.exists()  # no checkpoint initialised, nothing rendered
+
+
 def test_resume_continues_from_the_written_weights(tiny_run, tmp_path, capsys):
     """--resume starts from --out/checkpoint's weights (a fresh start would re-draw them from the
     seed); without a checkpoint it is a usage error."""

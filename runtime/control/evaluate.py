@@ -82,12 +82,12 @@ class EpisodeResult:
 DECODE_COUNTS = ("new_tokens", "llm_forwards", "draft_tokens", "accepted_tokens")
 
 
-def decode_counts(chunks: list[dict]) -> dict[str, int]:
-    """Sum the decode counts of the run log's chunk records (empty for a policy that reports none)."""
-    infos = [c.get("info") or {} for c in chunks]
-    if not any("new_tokens" in i for i in infos):
+def sum_decode_counts(parts: list[dict]) -> dict[str, int]:
+    """Sum decode counts (chunk records' `info`, or episodes' `decode`); empty where none reports any
+    (a policy other than MolmoAct)."""
+    if not any("new_tokens" in d for d in parts):
         return {}
-    return {k: int(sum(i.get(k, 0) for i in infos)) for k in DECODE_COUNTS}
+    return {k: int(sum(d.get(k, 0) for d in parts)) for k in DECODE_COUNTS}
 
 
 def decode_summary(counts: dict[str, int]) -> dict:
@@ -95,6 +95,14 @@ def decode_summary(counts: dict[str, int]) -> dict:
     tokens, drafted = counts.get("new_tokens", 0), counts.get("draft_tokens", 0)
     return {**counts, "forwards_per_token": counts["llm_forwards"] / tokens if tokens else None,
             "draft_acceptance": counts["accepted_tokens"] / drafted if drafted else None}
+
+
+def describe_decode(summary: dict) -> str:
+    """One line for people: how the answers decoded (drafts from each previous answer; README)."""
+    acc = summary["draft_acceptance"]
+    return (f"{summary['new_tokens']} tokens in {summary['llm_forwards']} sequential LLM forwards "
+            f"({summary['forwards_per_token']:.2f} per token); {summary['accepted_tokens']} of "
+            f"{summary['draft_tokens']} drafted tokens accepted" + ("" if acc is None else f" ({100 * acc:.0f}%)"))
 
 
 def _fit_speeds(safety: SafetyConfig, arm: FrankyArm) -> SafetyConfig:
@@ -161,7 +169,7 @@ def run_episode(seed: int, spec_for: Callable[[Scene], PolicySpec], config: Eval
         reason=("success" if track["at"] is not None else "timeout" if track["timeout"] else result.reason)
         if result.reason == "until" else result.reason, fault=None if result.fault is None else f"{result.fault.kind}: {result.fault.message}",
         steps=result.chunks, ticks=result.ticks, commands=result.commands, step_latency_ms=latencies, gif=gif,
-        decode=decode_counts(chunks),
+        decode=sum_decode_counts([c.get("info") or {} for c in chunks]),
     )
 
 
@@ -200,8 +208,7 @@ class EvalReport:
     def to_dict(self) -> dict:
         times = [e.time_to_success_s for e in self.episodes if e.success]
         lat = [v for e in self.episodes for v in e.step_latency_ms]
-        counts = {k: sum(e.decode.get(k, 0) for e in self.episodes) for k in DECODE_COUNTS} \
-            if any(e.decode for e in self.episodes) else {}
+        counts = sum_decode_counts([e.decode for e in self.episodes])
         return {
             "policy": self.policy, "episodes": len(self.episodes), "success_rate": self.success_rate,
             "successes": sum(e.success for e in self.episodes),
